@@ -1,0 +1,181 @@
+"""The world as the control plane sees it: a frozen model, built fresh per change.
+
+Sources (manifest files, the Kubernetes API) turn raw objects into a :class:`World`.
+Translators (``routing``, ``mtls``, ``ratelimit``) read it without locks: nothing in
+here is ever mutated after construction, so one ``World`` is shared by every proxy's
+config generation for one push.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+CLUSTER_DOMAIN = "cluster.local"
+
+
+class Priority(enum.StrEnum):
+    """The three request classes, highest first."""
+
+    CRITICAL = "critical"
+    STANDARD = "standard"
+    SHEDDABLE = "sheddable"
+
+
+#: Highest first; the order routes and clusters are emitted in.
+PRIORITIES: tuple[Priority, ...] = (Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE)
+
+#: The request header that names a request's class (value case-insensitive).
+PRIORITY_HEADER = "x-inference-priority"
+
+
+class MtlsMode(enum.StrEnum):
+    STRICT = "strict"
+    PERMISSIVE = "permissive"
+
+
+def _frozen(mapping: Mapping[Priority, float] | None = None) -> Mapping[Priority, float]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+#: Default per-class request timeout, in seconds (SPEC: 300 s for every class).
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, eq=True)
+class AnnotationError:
+    """One bad annotation value. The Service is served with that annotation at its default."""
+
+    annotation: str
+    value: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.annotation}={self.value!r}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A Service's parsed ``inferlane.io/*`` annotations (defaults where absent or bad)."""
+
+    enabled: bool = False
+    default_priority: Priority = Priority.STANDARD
+    #: Normalised entries: ``ns/sa``, ``ns/*`` or ``spiffe://...``. Empty means no clamp.
+    critical_callers: tuple[str, ...] = ()
+    #: Requests per second each backend endpoint admits, per class.
+    rate_limit: Mapping[Priority, float] = field(default_factory=_frozen)
+    #: Requests one endpoint serves at once (vLLM's ``max_num_seqs``), or None.
+    max_concurrency: int | None = None
+    adaptive: bool = False
+    #: Requests per second per calling identity and class, across all endpoints.
+    global_rate_limit: Mapping[Priority, float] = field(default_factory=_frozen)
+    mtls: MtlsMode = MtlsMode.PERMISSIVE
+    #: Per-class request timeouts in seconds; classes not named get DEFAULT_TIMEOUT_S.
+    timeouts: Mapping[Priority, float] = field(default_factory=_frozen)
+
+    def timeout_for(self, priority: Priority) -> float:
+        return self.timeouts.get(priority, DEFAULT_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    name: str = ""
+    #: The container port (a number) or a named port resolved per pod.
+    target_port: int | str = 0
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One backend address of a Service port."""
+
+    address: str
+    #: The port on the pod (the Service port's resolved target port).
+    port: int
+    #: The Service port this endpoint serves.
+    service_port: int
+    ready: bool = True
+    #: GPU-backed per SPEC: the pod requests a GPU, or its node has nvidia.com/gpu.present.
+    gpu: bool = False
+    pod_namespace: str = ""
+    pod_name: str = ""
+    node_name: str = ""
+
+    @property
+    def pod_key(self) -> tuple[str, str] | None:
+        return (self.pod_namespace, self.pod_name) if self.pod_name else None
+
+
+@dataclass(frozen=True)
+class InferenceService:
+    """A Kubernetes Service that opted in with ``inferlane.io/enabled: "true"``."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    config: ServiceConfig
+    errors: tuple[AnnotationError, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    uid: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def endpoints_for(self, port: int) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.service_port == port)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A Pod, with the identity its sidecar gets."""
+
+    namespace: str
+    name: str
+    service_account: str = "default"
+    ip: str = ""
+    node_name: str = ""
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    gpu: bool = False
+    ready: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """A problem with an input that is not one Service's annotation (a broken file, say)."""
+
+    source: str
+    message: str
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything the translators may read. Build a new one per change; never mutate."""
+
+    services: tuple[InferenceService, ...] = ()
+    workloads: Mapping[tuple[str, str], Workload] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    #: Problems with the inputs as a whole; the last good state of that input is kept.
+    source_errors: tuple[SourceError, ...] = ()
+
+    def service(self, namespace: str, name: str) -> InferenceService | None:
+        for svc in self.services:
+            if svc.namespace == namespace and svc.name == name:
+                return svc
+        return None
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return self.workloads.get((namespace, name))
