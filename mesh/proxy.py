@@ -47,6 +47,9 @@ class Proxy:
     inbound_port: int = DEFAULT_INBOUND_PORT
     gateway_port: int = DEFAULT_GATEWAY_PORT
     bind_address: str = DEFAULT_BIND_ADDRESS
+    #: A gRPC proxyless client (grpcio's xDS resolver) rather than an Envoy. It subscribes
+    #: by name and needs api_listeners; Envoy would reject those over LDS.
+    proxyless: bool = False
 
     @property
     def is_gateway(self) -> bool:
@@ -109,7 +112,9 @@ def _port(metadata: Mapping[str, object], key: str, default: int) -> int:
     return value
 
 
-def proxy_from_node(node_id: str, metadata: Mapping[str, object]) -> Proxy:
+def proxy_from_node(
+    node_id: str, metadata: Mapping[str, object], *, proxyless: bool = False
+) -> Proxy:
     """Build a :class:`Proxy` from a node ID and its metadata (a plain mapping)."""
     parsed = parse_node_id(node_id)
     meta_ns = metadata.get("NAMESPACE")
@@ -139,4 +144,5 @@ def proxy_from_node(node_id: str, metadata: Mapping[str, object]) -> Proxy:
         inbound_port=_port(metadata, "INFERLANE_INBOUND_PORT", DEFAULT_INBOUND_PORT),
         gateway_port=_port(metadata, "INFERLANE_GATEWAY_PORT", DEFAULT_GATEWAY_PORT),
         bind_address=bind,
+        proxyless=proxyless,
     )
