@@ -1,0 +1,66 @@
+"""Prometheus metrics of the xDS server, on a registry of its own.
+
+Each server owns its registry, so several servers in one process (tests, benchmarks)
+never collide, and ``/metrics`` shows exactly one server's view.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Buckets from 1 ms to 10 s: a push is usually live in milliseconds, Istio's production
+#: p90 is 1.5 s, and anything past 10 s is a stall.
+CONVERGENCE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class XdsMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.connected = Gauge(
+            "inferlane_xds_connected_proxies", "Open ADS streams.", ["mode"], registry=r
+        )
+        self.pushes = Counter(
+            "inferlane_xds_pushes_total", "Responses sent, by type.", ["type"], registry=r
+        )
+        self.push_bytes = Counter(
+            "inferlane_xds_push_bytes_total", "Bytes of responses sent.", ["type"], registry=r
+        )
+        self.nacks = Counter(
+            "inferlane_xds_nacks_total",
+            "Responses a proxy rejected, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.acks = Counter(
+            "inferlane_xds_acks_total", "Responses a proxy accepted, by type.", ["type"], registry=r
+        )
+        self.stale = Counter(
+            "inferlane_xds_stale_requests_total",
+            "Requests dropped for a superseded nonce.",
+            ["type"],
+            registry=r,
+        )
+        self.rejected_streams = Counter(
+            "inferlane_xds_rejected_streams_total",
+            "Streams closed for a bad request, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.convergence = Histogram(
+            "inferlane_xds_convergence_seconds",
+            "From a config change to the proxy's ACK of it.",
+            ["type"],
+            buckets=CONVERGENCE_BUCKETS,
+            registry=r,
+        )
+        self.generation_failures = Counter(
+            "inferlane_xds_generation_failures_total",
+            "Snapshots that could not be generated; the proxy keeps its last config.",
+            registry=r,
+        )
+        self.generation = Gauge(
+            "inferlane_xds_config_generation", "The current config generation.", registry=r
+        )

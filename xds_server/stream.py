@@ -1,0 +1,402 @@
+"""The xDS protocol state of one ADS stream, State-of-the-World or Delta. No I/O here.
+
+The server feeds a :class:`StreamState` the requests it reads (``on_request``) and the
+snapshots the cache computes for its proxy (``set_snapshot``), and asks it what to send
+(``responses``). Keeping the protocol rules in one small, synchronous class makes them
+testable without sockets (``tests/xds/test_stream.py``) and keeps every stream's state
+in one place.
+
+The rules, each from a failure seen in the field (FIELD-NOTES.md):
+
+* Stale nonces are dropped. A request whose ``response_nonce`` is not the latest sent on
+  this stream for its type is an answer to something superseded.
+* A NACK keeps the last accepted version: what was recorded as sent rolls back to what
+  was acknowledged, and the rejected version is not sent again (no resend loop) until
+  the desired version changes.
+* SotW: a second request carrying an already-acknowledged nonce is a re-request (Envoy
+  re-warming an updated cluster asks again with the same nonce and names) and is
+  answered, or the cluster stalls for the 15 s initial fetch timeout.
+* Whenever a cluster is sent, its ClusterLoadAssignment follows, even if unchanged
+  (under Delta, Envoy does not ask again after a cluster update).
+* Make-before-break: types go out in ``types.PUSH_ORDER``, and a resource is only
+  removed from a type once every later type has been acknowledged at its new state.
+  Until then the proxy keeps the old cluster that old routes may still point at.
+* A reconnecting proxy that already holds the current versions is sent nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xds_server import types, wire
+from xds_server.snapshot import Resource, Snapshot, digest
+
+#: Most resource names one request may carry; far beyond any real proxy's needs.
+MAX_NAMES_PER_REQUEST = 10_000
+#: Longest resource name accepted.
+MAX_NAME_LENGTH = 1024
+
+SERVED_TYPES = frozenset(types.PUSH_ORDER)
+
+
+class ProtocolError(Exception):
+    """A request this stream cannot serve. The stream is closed with this message."""
+
+
+class Outcome(enum.Enum):
+    SUBSCRIBE = "subscribe"
+    ACK = "ack"
+    NACK = "nack"
+    STALE = "stale"
+    REREQUEST = "rerequest"
+
+
+class SyncStatus(enum.StrEnum):
+    SYNCED = "SYNCED"
+    STALE = "STALE"
+    NACKED = "NACKED"
+    NOT_SENT = "NOT SENT"
+
+
+def version_of(resources: Mapping[str, Resource]) -> str:
+    """A SotW ``version_info``: a hash of the names and versions of what is sent."""
+    if not resources:
+        return digest(b"")
+    return digest("\n".join(f"{n}={resources[n].version}" for n in sorted(resources)).encode())
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One response to write."""
+
+    type_url: str
+    nonce: str
+    version: str
+    payload: bytes
+    resources: int
+    removed: int = 0
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    type_url: str
+    outcome: Outcome
+    nonce: str = ""
+    error: str = ""
+    #: Seconds from the change to this ACK, when it acknowledges a push.
+    convergence: float | None = None
+
+
+@dataclass
+class TypeState:
+    """Per type URL: subscription, what was sent and acknowledged, the last NACK."""
+
+    type_url: str
+    subscribed: bool = False
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    sent: dict[str, Resource] = field(default_factory=dict)
+    sent_version: str = ""
+    acked: dict[str, Resource] = field(default_factory=dict)
+    acked_version: str = ""
+    nonce: str = ""
+    pending: bool = False
+    nacked: bool = False
+    last_error: str = ""
+    #: SotW: the version_info the client NACKed; Delta: name -> version it NACKed.
+    rejected_version: str = ""
+    rejected: dict[str, str] = field(default_factory=dict)
+    #: Respond even if nothing changed (a first request, a re-request).
+    force: bool = False
+    #: Delta: names to re-send even if unchanged (an EDS assignment after its cluster).
+    force_names: set[str] = field(default_factory=set)
+    #: SotW reconnect: the version the client says it holds, until compared once.
+    client_version: str = ""
+    #: Delta: resources in the latest response (for the NACK's record of rejected versions).
+    inflight: dict[str, str] = field(default_factory=dict)
+    #: Monotonic time of the change the latest response carries.
+    change_ts: float | None = None
+    responses_sent: int = 0
+
+    def wants(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+    def status(self) -> SyncStatus:
+        if self.nacked:
+            return SyncStatus.NACKED
+        if not self.nonce and not self.acked_version:
+            return SyncStatus.NOT_SENT
+        if self.pending:
+            return SyncStatus.STALE
+        return SyncStatus.SYNCED
+
+
+class StreamState:
+    """One ADS stream's protocol state. ``delta`` picks Delta or State-of-the-World rules."""
+
+    def __init__(self, *, delta: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.delta = delta
+        self.clock = clock
+        self.types: dict[str, TypeState] = {}
+        self.snapshot: Snapshot | None = None
+        self.change_ts: float | None = None
+        self._nonce = 0
+
+    # -- inputs -----------------------------------------------------------------
+
+    def set_snapshot(self, snapshot: Snapshot, change_ts: float | None = None) -> None:
+        self.snapshot = snapshot
+        self.change_ts = change_ts
+
+    def on_request(self, req: Any) -> RequestResult:
+        """Apply one DiscoveryRequest or DeltaDiscoveryRequest. Raise ProtocolError if bad."""
+        type_url: str = req.type_url
+        if type_url not in SERVED_TYPES:
+            raise ProtocolError(
+                f"unknown type URL {type_url!r}; served: {', '.join(sorted(SERVED_TYPES))}"
+            )
+        if self.delta:
+            names_in: Iterable[str] = (
+                *req.resource_names_subscribe,
+                *req.resource_names_unsubscribe,
+                *req.initial_resource_versions,
+            )
+        else:
+            names_in = req.resource_names
+        self._check_names(type_url, names_in)
+        st = self.types.setdefault(type_url, TypeState(type_url))
+        nonce: str = req.response_nonce
+        stale = bool(nonce) and nonce != st.nonce
+        if self.delta:
+            # Delta subscriptions are incremental: a change is never dropped with its nonce.
+            self._delta_subscription(st, req)
+        elif not stale:
+            self._sotw_subscription(st, req)
+
+        if not nonce:
+            return RequestResult(type_url, Outcome.SUBSCRIBE)
+        if stale:
+            return RequestResult(type_url, Outcome.STALE, nonce=nonce)
+        if req.HasField("error_detail"):
+            return self._nack(st, nonce, req.error_detail.message or "(no message)")
+        if not st.pending:
+            if not self.delta and not st.nacked:
+                st.force = True
+            return RequestResult(type_url, Outcome.REREQUEST, nonce=nonce)
+        return self._ack(st, nonce)
+
+    @staticmethod
+    def _check_names(type_url: str, names: Iterable[str]) -> None:
+        for count, name in enumerate(names, start=1):
+            if count > MAX_NAMES_PER_REQUEST:
+                raise ProtocolError(
+                    f"{types.short(type_url)} request names over {MAX_NAMES_PER_REQUEST} resources"
+                )
+            if len(name) > MAX_NAME_LENGTH:
+                raise ProtocolError(
+                    f"{types.short(type_url)} resource name of {len(name)} characters, "
+                    f"over {MAX_NAME_LENGTH}"
+                )
+
+    def _sotw_subscription(self, st: TypeState, req: Any) -> None:
+        names = set(req.resource_names)
+        first = not st.subscribed
+        if "*" in names:
+            names.discard("*")
+            wildcard = True
+        else:
+            wildcard = not names and st.type_url in types.WILDCARD_TYPES and (first or st.wildcard)
+        st.wildcard, st.names = wildcard, names
+        if first:
+            st.subscribed = True
+            if req.version_info:
+                st.client_version = req.version_info
+            else:
+                st.force = True
+
+    def _delta_subscription(self, st: TypeState, req: Any) -> None:
+        sub = set(req.resource_names_subscribe)
+        unsub = set(req.resource_names_unsubscribe)
+        first = not st.subscribed
+        if first and not sub and st.type_url in types.WILDCARD_TYPES:
+            st.wildcard = True
+        if "*" in sub:
+            st.wildcard = True
+            sub.discard("*")
+        if "*" in unsub:
+            st.wildcard = False
+            unsub.discard("*")
+        st.names |= sub
+        st.names -= unsub
+        for name in unsub:
+            st.sent.pop(name, None)
+            st.acked.pop(name, None)
+        if first:
+            st.subscribed = True
+            initial: Mapping[str, str] = req.initial_resource_versions
+            self._adopt_client_versions(st, initial)
+            if not initial:
+                st.force = True
+
+    def _adopt_client_versions(self, st: TypeState, initial: Mapping[str, str]) -> None:
+        """A reconnecting Delta client lists what it holds; record the ones we recognise."""
+        have = self.snapshot.of_type(st.type_url) if self.snapshot else {}
+        for name, version in initial.items():
+            res = have.get(name)
+            if res is not None and res.version == version:
+                st.sent[name] = st.acked[name] = res
+
+    def _ack(self, st: TypeState, nonce: str) -> RequestResult:
+        st.acked = dict(st.sent)
+        st.acked_version = st.sent_version
+        st.pending = False
+        st.nacked = False
+        st.rejected_version = ""
+        took = None if st.change_ts is None else self.clock() - st.change_ts
+        st.change_ts = None
+        return RequestResult(st.type_url, Outcome.ACK, nonce=nonce, convergence=took)
+
+    def _nack(self, st: TypeState, nonce: str, message: str) -> RequestResult:
+        if self.delta:
+            st.rejected.update(st.inflight)
+        else:
+            st.rejected_version = st.sent_version
+        st.sent = dict(st.acked)
+        st.sent_version = st.acked_version
+        st.pending = False
+        st.nacked = True
+        st.last_error = message
+        st.change_ts = None
+        return RequestResult(st.type_url, Outcome.NACK, nonce=nonce, error=message)
+
+    # -- outputs ----------------------------------------------------------------
+
+    def _plain(self, st: TypeState) -> dict[str, Resource]:
+        have = self.snapshot.of_type(st.type_url) if self.snapshot else {}
+        if st.wildcard:
+            return dict(have)
+        return {n: have[n] for n in st.names if n in have}
+
+    def _converged(self, st: TypeState) -> bool:
+        plain = self._plain(st)
+        if plain.keys() != st.acked.keys():
+            return False
+        return all(st.acked[n].version == r.version for n, r in plain.items())
+
+    def _desired(self, index: int, st: TypeState) -> dict[str, Resource]:
+        desired = self._plain(st)
+        later = (self.types.get(t) for t in types.PUSH_ORDER[index + 1 :])
+        if any(s is not None and s.subscribed and not self._converged(s) for s in later):
+            for name, res in st.acked.items():
+                if name not in desired and st.wants(name):
+                    desired[name] = res
+        return desired
+
+    def responses(self) -> list[Outgoing]:
+        """Everything to send now, in push order, with the state recorded as sent."""
+        if self.snapshot is None:
+            return []
+        out: list[Outgoing] = []
+        for index, type_url in enumerate(types.PUSH_ORDER):
+            st = self.types.get(type_url)
+            if st is None or not st.subscribed:
+                continue
+            desired = self._desired(index, st)
+            respond = self._delta_response if self.delta else self._sotw_response
+            msg = respond(st, desired)
+            if msg is not None:
+                out.append(msg)
+                self._follow_with_endpoints(msg, st)
+        return out
+
+    def _follow_with_endpoints(self, msg: Outgoing, st: TypeState) -> None:
+        if msg.type_url != types.CLUSTER:
+            return
+        eds = self.types.get(types.ENDPOINT)
+        if eds is None or not eds.subscribed:
+            return
+        refs = {n for res in st.sent.values() for t, n in res.refs if t == types.ENDPOINT}
+        if self.delta:
+            eds.force_names |= refs & eds.names
+        elif refs & eds.names:
+            eds.force = True
+
+    def _next_nonce(self) -> str:
+        self._nonce += 1
+        return str(self._nonce)
+
+    def _record_sent(self, st: TypeState, nonce: str) -> None:
+        st.nonce = nonce
+        st.pending = True
+        st.force = False
+        st.change_ts = self.change_ts
+        st.responses_sent += 1
+
+    def _sotw_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
+        version = version_of(desired)
+        if st.client_version:
+            holds, st.client_version = st.client_version == version, ""
+            if holds:
+                st.sent, st.acked = desired, dict(desired)
+                st.sent_version = st.acked_version = version
+                return None
+            st.force = True
+        if not st.force and (version in (st.sent_version, st.rejected_version)):
+            return None
+        nonce = self._next_nonce()
+        ordered = [desired[n] for n in sorted(desired)]
+        payload = wire.discovery_response(
+            version, st.type_url, nonce, (r.sotw_field for r in ordered)
+        )
+        st.sent, st.sent_version = desired, version
+        self._record_sent(st, nonce)
+        return Outgoing(st.type_url, nonce, version, payload, len(ordered))
+
+    def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
+        changed = [
+            r
+            for n, r in sorted(desired.items())
+            if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
+            and st.rejected.get(n) != r.version
+        ]
+        removed = sorted(n for n in st.sent if n not in desired)
+        st.force_names.clear()
+        # A rejected version stays unsent until the desired version moves past it.
+        superseded = [
+            n for n, v in st.rejected.items() if n not in desired or desired[n].version != v
+        ]
+        for name in superseded:
+            del st.rejected[name]
+        if not changed and not removed and not st.force:
+            return None
+        for res in changed:
+            st.sent[res.name] = res
+        for name in removed:
+            del st.sent[name]
+        st.sent_version = version_of(st.sent)
+        st.inflight = {r.name: r.version for r in changed}
+        nonce = self._next_nonce()
+        payload = wire.delta_discovery_response(
+            st.sent_version, st.type_url, nonce, (r.delta_field for r in changed), removed
+        )
+        self._record_sent(st, nonce)
+        return Outgoing(st.type_url, nonce, st.sent_version, payload, len(changed), len(removed))
+
+    # -- introspection ----------------------------------------------------------
+
+    def sync_status(self) -> dict[str, dict[str, str]]:
+        """Per type URL: versions sent and acknowledged, status, the last NACK's error."""
+        return {
+            t: {
+                "status": st.status().value,
+                "version_sent": st.sent_version,
+                "version_acked": st.acked_version,
+                "nonce": st.nonce,
+                "last_nack": st.last_error,
+            }
+            for t, st in sorted(self.types.items())
+        }
