@@ -25,6 +25,12 @@ class XdsMetrics:
         self.pushes = Counter(
             "inferlane_xds_pushes_total", "Responses sent, by type.", ["type"], registry=r
         )
+        self.resources_sent = Counter(
+            "inferlane_xds_resources_sent_total",
+            "Resources carried by responses, by type.",
+            ["type"],
+            registry=r,
+        )
         self.push_bytes = Counter(
             "inferlane_xds_push_bytes_total", "Bytes of responses sent.", ["type"], registry=r
         )

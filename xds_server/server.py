@@ -343,6 +343,7 @@ class XdsServer:
             short = types.short(out.type_url)
             self.metrics.pushes.labels(short).inc()
             self.metrics.push_bytes.labels(short).inc(len(out.payload))
+            self.metrics.resources_sent.labels(short).inc(out.resources)
             log.debug(
                 "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
                 conn.id,

@@ -22,6 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from google.protobuf import json_format
 
 from xds_server import types, wire
 
@@ -42,7 +43,7 @@ def resource_name(message: Any) -> str:
     return str(message.name)
 
 
-_TYPE_OF_CLASS: dict[type, str] = {
+_TYPE_OF_CLASS: dict[Any, str] = {
     listener_pb2.Listener: types.LISTENER,
     route_pb2.RouteConfiguration: types.ROUTE,
     cluster_pb2.Cluster: types.CLUSTER,
@@ -175,3 +176,13 @@ def build_snapshot(
             raise SnapshotError(f"two {types.short(res.type_url)} resources named {res.name!r}")
         bucket[res.name] = res
     return Snapshot(resources=by_type, generation=generation)
+
+
+_CLASS_OF_TYPE: dict[str, Any] = {t: c for c, t in _TYPE_OF_CLASS.items()}
+
+
+def decode(res: Resource) -> dict[str, Any]:
+    """The resource as JSON-ready data, for debug pages."""
+    message = _CLASS_OF_TYPE[res.type_url].FromString(res.body)
+    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return data

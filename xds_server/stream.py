@@ -345,7 +345,11 @@ class StreamState:
                 st.sent_version = st.acked_version = version
                 return None
             st.force = True
-        if not st.force and (version in (st.sent_version, st.rejected_version)):
+        if not st.force and version == st.sent_version:
+            if not st.pending:
+                st.nacked = False  # the proxy holds what is desired: the NACK is behind it
+            return None
+        if not st.force and version == st.rejected_version:
             return None
         nonce = self._next_nonce()
         ordered = [desired[n] for n in sorted(desired)]
@@ -372,6 +376,8 @@ class StreamState:
         for name in superseded:
             del st.rejected[name]
         if not changed and not removed and not st.force:
+            if not st.pending and not st.rejected:
+                st.nacked = False  # the proxy holds what is desired: the NACK is behind it
             return None
         for res in changed:
             st.sent[res.name] = res

@@ -1,0 +1,159 @@
+"""The admin HTTP surface: health, readiness, Prometheus metrics and debug pages.
+
+Every page is listed, with what it shows, at ``/``; pages that other parts of inferlane
+add (``add_page``) appear there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from xds_server import types
+from xds_server.server import XdsServer
+from xds_server.snapshot import decode
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Page:
+    path: str
+    description: str
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+class Admin:
+    """Builds the aiohttp application. ``services`` and ``ready`` come from the wiring."""
+
+    def __init__(
+        self,
+        xds: XdsServer,
+        *,
+        services: Callable[[], Any] = lambda: [],
+        ready: Callable[[], bool] = lambda: True,
+        registries: tuple[CollectorRegistry, ...] = (),
+    ) -> None:
+        self.xds = xds
+        self.services = services
+        self.ready = ready
+        self.registries = (xds.metrics.registry, *registries)
+        self.pages: list[Page] = []
+        self.app = web.Application()
+        self.add_page("/", "this index", self._index)
+        self.add_page("/healthz", "200 while the process serves", self._healthz)
+        self.add_page("/readyz", "200 once the first world is loaded, else 503", self._readyz)
+        self.add_page("/metrics", "Prometheus metrics", self._metrics)
+        self.add_page(
+            "/debug/syncz",
+            "per connected proxy and type: versions sent and acknowledged, status, last NACK",
+            self._syncz,
+        )
+        self.add_page(
+            "/debug/config_dump",
+            "?proxy=NODE_ID: the resources that proxy should have, decoded",
+            self._config_dump,
+        )
+        self.add_page(
+            "/debug/services",
+            "inference Services as parsed, with their annotation errors",
+            self._services,
+        )
+        self.add_page("/debug/connections", "open ADS streams and their peers", self._connections)
+
+    def add_page(self, path: str, description: str, handler: Handler) -> None:
+        self.pages.append(Page(path, description))
+        self.app.router.add_get(path, handler)
+
+    async def _index(self, request: web.Request) -> web.Response:
+        pages = [{"path": p.path, "description": p.description} for p in self.pages]
+        return _json({"pages": pages})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready():
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready: no world loaded yet\n", status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = b"".join(generate_latest(r) for r in self.registries)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _syncz(self, request: web.Request) -> web.Response:
+        out = []
+        for conn in sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id):
+            status = conn.state.sync_status()
+            out.append(
+                {
+                    "node_id": conn.proxy.node_id,
+                    "mode": "delta" if conn.delta else "sotw",
+                    "types": {types.short(t): v | {"type_url": t} for t, v in status.items()},
+                }
+            )
+        return _json(out)
+
+    async def _config_dump(self, request: web.Request) -> web.Response:
+        node_id = request.query.get("proxy", "")
+        if not node_id:
+            return _json({"error": "give ?proxy=NODE_ID; /debug/syncz lists them"}, 400)
+        conn = self.xds.find(node_id)
+        if conn is None:
+            return _json({"error": f"no connected proxy {node_id!r}"}, 404)
+        snapshot = conn.state.snapshot
+        resources = snapshot.resources if snapshot is not None else {}
+        return _json(
+            {
+                "node_id": node_id,
+                "generation": snapshot.generation if snapshot else None,
+                "resources": {
+                    types.short(t): {
+                        name: {"version": r.version, "resource": decode(r)}
+                        for name, r in sorted(by_name.items())
+                    }
+                    for t, by_name in sorted(resources.items())
+                },
+            }
+        )
+
+    async def _services(self, request: web.Request) -> web.Response:
+        return _json(self.services())
+
+    async def _connections(self, request: web.Request) -> web.Response:
+        return _json([c.describe() for c in self.xds.connections.values()])
+
+
+@contextlib.asynccontextmanager
+async def serving_admin(admin: Admin, host: str, port: int) -> AsyncIterator[int]:
+    """Serve ``admin`` on host:port (0 = any free port); yield the bound port."""
+    runner = web.AppRunner(admin.app, handle_signals=False, access_log=None)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = int(sock.getsockname()[1])
+    try:
+        await web.SockSite(runner, sock).start()
+        yield bound
+    finally:
+        await runner.cleanup()
