@@ -68,7 +68,7 @@ class Resource:
     version: str
     body: bytes
     #: (type_url, name) of the resources this one needs: an EDS cluster's assignment,
-    #: a listener's route configuration.
+    #: a listener's route configuration, a route configuration's clusters.
     refs: tuple[tuple[str, str], ...] = ()
     sotw_field: bytes = field(default=b"", repr=False)
     delta_field: bytes = field(default=b"", repr=False)
@@ -94,6 +94,17 @@ def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
             if hcm.HasField("rds"):
                 refs.append((types.ROUTE, hcm.rds.route_config_name))
         return tuple(dict.fromkeys(refs))
+    if type_url == types.ROUTE:
+        clusters: list[str] = []
+        for vhost in message.virtual_hosts:
+            for route in vhost.routes:
+                if not route.HasField("route"):
+                    continue
+                action = route.route
+                if action.cluster:
+                    clusters.append(action.cluster)
+                clusters.extend(w.name for w in action.weighted_clusters.clusters)
+        return tuple((types.CLUSTER, c) for c in dict.fromkeys(clusters))
     return ()
 
 

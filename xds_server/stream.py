@@ -20,7 +20,9 @@ The rules, each from a failure seen in the field (FIELD-NOTES.md):
   (under Delta, Envoy does not ask again after a cluster update).
 * Make-before-break: types go out in ``types.PUSH_ORDER``, and a resource is only
   removed from a type once every later type has been acknowledged at its new state.
-  Until then the proxy keeps the old cluster that old routes may still point at.
+  Until then the proxy keeps the old cluster that old routes may still point at. A
+  route configuration that names a new cluster waits until the proxy has acknowledged
+  that cluster and its endpoints, so no request meets a cluster that is still warming.
 * A reconnecting proxy that already holds the current versions is sent nothing.
 """
 
@@ -294,7 +296,38 @@ class StreamState:
             for name, res in st.acked.items():
                 if name not in desired and st.wants(name):
                     desired[name] = res
+        if st.type_url == types.ROUTE:
+            self._hold_routes_until_clusters_warm(st, desired)
         return desired
+
+    def _hold_routes_until_clusters_warm(self, st: TypeState, desired: dict[str, Resource]) -> None:
+        """Keep the proxy's current version of a route configuration that names a cluster
+        the proxy has not yet acknowledged with its endpoints.
+
+        Envoy warms a new cluster until its endpoints arrive, but routes are not warmed:
+        a route to a still-warming cluster answers 503. Only for wildcard CDS (Envoy);
+        gRPC subscribes to clusters by name after it has the routes, so it must get them.
+        """
+        cds = self.types.get(types.CLUSTER)
+        if cds is None or not cds.wildcard:
+            return
+        eds = self.types.get(types.ENDPOINT)
+        eds_acked = eds.acked if eds is not None else {}
+
+        def warm(cluster: str) -> bool:
+            res = cds.acked.get(cluster)
+            return res is not None and all(
+                n in eds_acked for t, n in res.refs if t == types.ENDPOINT
+            )
+
+        for name, res in list(desired.items()):
+            if all(warm(n) for t, n in res.refs if t == types.CLUSTER):
+                continue
+            held = st.acked.get(name)
+            if held is None:
+                del desired[name]
+            else:
+                desired[name] = held
 
     def responses(self) -> list[Outgoing]:
         """Everything to send now, in push order, with the state recorded as sent."""
