@@ -183,12 +183,15 @@ class StreamState:
             return RequestResult(type_url, Outcome.SUBSCRIBE)
         if stale:
             return RequestResult(type_url, Outcome.STALE, nonce=nonce)
-        if req.HasField("error_detail"):
-            return self._nack(st, nonce, req.error_detail.message or "(no message)")
         if not st.pending:
-            if not self.delta and not st.nacked:
+            # The latest response was answered already: this repeats that answer.
+            if req.HasField("error_detail") or st.nacked:
+                return RequestResult(type_url, Outcome.STALE, nonce=nonce)
+            if not self.delta:
                 st.force = True
             return RequestResult(type_url, Outcome.REREQUEST, nonce=nonce)
+        if req.HasField("error_detail"):
+            return self._nack(st, nonce, req.error_detail.message or "(no message)")
         return self._ack(st, nonce)
 
     @staticmethod
@@ -340,19 +343,22 @@ class StreamState:
                 continue
             desired = self._desired(index, st)
             respond = self._delta_response if self.delta else self._sotw_response
+            before = dict(st.sent)
             msg = respond(st, desired)
             if msg is not None:
                 out.append(msg)
-                self._follow_with_endpoints(msg, st)
+                if type_url == types.CLUSTER:
+                    changed = [r for n, r in st.sent.items() if before.get(n) is not r]
+                    self._follow_with_endpoints(changed)
         return out
 
-    def _follow_with_endpoints(self, msg: Outgoing, st: TypeState) -> None:
-        if msg.type_url != types.CLUSTER:
-            return
+    def _follow_with_endpoints(self, clusters: list[Resource]) -> None:
+        """Re-send the assignments of clusters just sent new or changed (Envoy re-warms
+        them and, under Delta, does not ask again)."""
         eds = self.types.get(types.ENDPOINT)
         if eds is None or not eds.subscribed:
             return
-        refs = {n for res in st.sent.values() for t, n in res.refs if t == types.ENDPOINT}
+        refs = {n for res in clusters for t, n in res.refs if t == types.ENDPOINT}
         if self.delta:
             eds.force_names |= refs & eds.names
         elif refs & eds.names:
