@@ -1,0 +1,129 @@
+"""Pure translation of (world, proxy) into Envoy's listeners, routes, clusters and endpoints.
+
+:func:`generate` is the entry point. It does no I/O and reads no clock: the same inputs
+give the same messages in the same order (each list is sorted by resource name), so their
+deterministic serializations are byte-for-byte equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf.message import Message
+
+from mesh.model import PRIORITIES, InferenceService, World
+from mesh.proxy import Proxy
+from routing import clusters, endpoints, listeners, names, proxyless, routes
+from routing.catalog import served_ports, served_services
+from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+
+__all__ = [
+    "CLUSTER_TYPE",
+    "ENDPOINT_TYPE",
+    "LISTENER_TYPE",
+    "ROUTE_TYPE",
+    "generate",
+    "resource_name",
+]
+
+
+def resource_name(message: Any) -> str:
+    """The xDS name of a generated resource (a ClusterLoadAssignment's is its cluster's)."""
+    if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
+        return str(message.cluster_name)
+    return str(message.name)
+
+
+def _outbound_clusters(
+    services: Sequence[InferenceService],
+    sidecars: Mapping[tuple[str, str], Proxy],
+    *,
+    proxyless: bool,
+) -> tuple[list[Any], list[Any]]:
+    """A cluster and its load assignment per class per served port of every Service."""
+    cluster_list: list[Any] = []
+    assignments: list[Any] = []
+    for svc in services:
+        for port in served_ports(svc):
+            targets = endpoints.serving_targets(svc, port.port, sidecars)
+            for priority in PRIORITIES:
+                cluster = clusters.outbound_cluster(
+                    svc, port.port, priority, len(targets), proxyless=proxyless
+                )
+                cluster_list.append(cluster)
+                assignments.append(endpoints.load_assignment(cluster.name, targets))
+    return cluster_list, assignments
+
+
+def _serves_pod(proxy: Proxy, endpoint_pod: tuple[str, str] | None, address: str) -> bool:
+    """Whether an endpoint is ``proxy``'s own pod: by pod name, or by IP when the endpoint
+    names no pod (several pods may share an IP in local setups, so the pod wins)."""
+    if endpoint_pod is not None:
+        return endpoint_pod == (proxy.namespace, proxy.pod_name)
+    return address == proxy.ip
+
+
+def _inbound(services: Sequence[InferenceService], proxy: Proxy) -> tuple[list[Any], list[Any]]:
+    """(inbound clusters, inbound virtual hosts) for the Services this sidecar's pod serves."""
+    cluster_list: list[Any] = []
+    vhosts: list[Any] = []
+    for svc in services:
+        for port in served_ports(svc):
+            own = [
+                e for e in svc.endpoints_for(port.port) if _serves_pod(proxy, e.pod_key, e.address)
+            ]
+            if not own:
+                continue
+            own.sort(key=lambda e: (e.address, e.port))
+            cluster_list.append(clusters.inbound_cluster(svc, own[0]))
+            vhosts.append(
+                routes.virtual_host(svc, port, proxy.namespace, routes.inbound_routes(svc, port))
+            )
+    return cluster_list, vhosts
+
+
+def _outbound_vhosts(services: Sequence[InferenceService], proxy: Proxy) -> list[Any]:
+    return [
+        routes.virtual_host(svc, port, proxy.namespace, routes.outbound_routes(svc, port, proxy))
+        for svc in services
+        for port in served_ports(svc)
+    ]
+
+
+def generate(
+    world: World, proxy: Proxy, sidecars: Mapping[tuple[str, str], Proxy]
+) -> dict[str, list[Message]]:
+    """Every listener, route configuration, cluster and load assignment ``proxy`` gets.
+
+    ``sidecars`` maps ``(namespace, pod)`` to the connected sidecar of that pod: endpoints
+    of such pods are addressed at the sidecar's inbound listener.
+    """
+    services = served_services(world)
+    cluster_list, assignments = _outbound_clusters(services, sidecars, proxyless=proxy.proxyless)
+    listener_list: list[Any]
+    route_list: list[Any]
+    if proxy.proxyless:
+        listener_list, route_list = proxyless.resources(services, proxy)
+    elif proxy.is_gateway:
+        listener_list = [listeners.gateway_listener(proxy)]
+        route_list = [
+            routes.route_configuration(
+                names.gateway_route(proxy.gateway_port), _outbound_vhosts(services, proxy)
+            )
+        ]
+    else:
+        inbound_clusters, inbound_vhosts = _inbound(services, proxy)
+        cluster_list.extend(inbound_clusters)
+        listener_list = [listeners.outbound_listener(proxy), listeners.inbound_listener(proxy)]
+        route_list = [
+            routes.route_configuration(names.OUTBOUND_ROUTE, _outbound_vhosts(services, proxy)),
+            routes.route_configuration(names.INBOUND_ROUTE, inbound_vhosts),
+        ]
+    return {
+        LISTENER_TYPE: sorted(listener_list, key=resource_name),
+        ROUTE_TYPE: sorted(route_list, key=resource_name),
+        CLUSTER_TYPE: sorted(cluster_list, key=resource_name),
+        ENDPOINT_TYPE: sorted(assignments, key=resource_name),
+    }

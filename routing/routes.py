@@ -1,0 +1,196 @@
+"""Routes: per virtual host, one route per priority class and a catch-all default.
+
+Each virtual host (one Service port) has, in order:
+
+1. ``critical``, ``standard``, ``sheddable``: matched on ``x-inference-priority``
+   (exact value, case-insensitive);
+2. ``default``: everything else (header missing or unknown), served as the Service's
+   default class.
+
+An outbound route sets the header to the class the request is served as, so the server
+side (its inbound rate limits and caller check) sees one canonical lowercase value. Where
+the caller clamp applies, the ``critical`` route (and ``default`` when the default class
+is critical) serve as ``standard`` instead: standard cluster, priority, retries, timeout,
+and the header rewritten to ``standard``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import wrappers_pb2
+
+from mesh.model import PRIORITIES, PRIORITY_HEADER, InferenceService, Priority, ServicePort
+from mesh.proxy import Proxy
+from routing import clamp, names
+from routing.protos import duration, pack
+
+#: Critical: retried on another host (never the one that just failed) on these.
+CRITICAL_RETRY_ON: Final = "reset,connect-failure,refused-stream,retriable-status-codes"
+CRITICAL_RETRIABLE_STATUS: Final = (503,)
+CRITICAL_RETRIES: Final = 2
+#: How often the load balancer may re-pick to avoid a previously tried host.
+HOST_SELECTION_ATTEMPTS: Final = 5
+#: Standard: one retry, only where the request surely never reached the model server.
+STANDARD_RETRY_ON: Final = "connect-failure,refused-stream"
+#: gRPC status retried for proxyless clients (gRPC ignores HTTP-level retry conditions).
+GRPC_RETRY_ON: Final = "unavailable"
+
+_PREVIOUS_HOSTS: Final = "envoy.retry_host_predicates.previous_hosts"
+
+#: Envoy route priority per class: HIGH has its own connection pool and circuit-breaker
+#: thresholds, so critical is never queued behind the other classes.
+ROUTE_PRIORITY: Final[dict[Priority, int]] = {
+    Priority.CRITICAL: base_pb2.HIGH,
+    Priority.STANDARD: base_pb2.DEFAULT,
+    Priority.SHEDDABLE: base_pb2.DEFAULT,
+}
+
+
+def class_header_match(priority: Priority) -> Any:
+    """``x-inference-priority`` equals ``priority``, ignoring case."""
+    return route_components_pb2.HeaderMatcher(
+        name=PRIORITY_HEADER,
+        string_match=string_pb2.StringMatcher(exact=priority.value, ignore_case=True),
+    )
+
+
+def set_class_header(priority: Priority) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=PRIORITY_HEADER, value=priority.value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def retry_policy(priority: Priority, *, proxyless: bool = False) -> Any | None:
+    """critical: up to two retries, each on a host not yet tried; standard: one retry on
+    connection failure; sheddable: none (it is the first traffic to shed)."""
+    if priority is Priority.CRITICAL:
+        retry_on = CRITICAL_RETRY_ON + (f",{GRPC_RETRY_ON}" if proxyless else "")
+        return route_components_pb2.RetryPolicy(
+            retry_on=retry_on,
+            num_retries=wrappers_pb2.UInt32Value(value=CRITICAL_RETRIES),
+            retriable_status_codes=CRITICAL_RETRIABLE_STATUS,
+            retry_host_predicate=[
+                route_components_pb2.RetryPolicy.RetryHostPredicate(
+                    name=_PREVIOUS_HOSTS,
+                    typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
+                )
+            ],
+            host_selection_retry_max_attempts=HOST_SELECTION_ATTEMPTS,
+        )
+    if priority is Priority.STANDARD:
+        return route_components_pb2.RetryPolicy(
+            retry_on=STANDARD_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=1)
+        )
+    return None
+
+
+def route_action(
+    cluster: str, served_as: Priority, timeout_s: float, *, proxyless: bool = False
+) -> Any:
+    action = route_components_pb2.RouteAction(
+        cluster=cluster, priority=ROUTE_PRIORITY[served_as], timeout=duration(timeout_s)
+    )
+    policy = retry_policy(served_as, proxyless=proxyless)
+    if policy is not None:
+        action.retry_policy.CopyFrom(policy)
+    if proxyless:
+        # gRPC clients enforce max_stream_duration, not timeout.
+        action.max_stream_duration.max_stream_duration.CopyFrom(duration(timeout_s))
+    return action
+
+
+def _match(requested: Priority | None) -> Any:
+    match = route_components_pb2.RouteMatch(prefix="/")
+    if requested is not None:
+        match.headers.append(class_header_match(requested))
+    return match
+
+
+def _route_name(requested: Priority | None) -> str:
+    return requested.value if requested is not None else names.DEFAULT_ROUTE
+
+
+def _class_routes() -> Iterable[Priority | None]:
+    """The class routes in match order; None is the catch-all."""
+    return (*PRIORITIES, None)
+
+
+def outbound_routes(
+    svc: InferenceService, port: ServicePort, proxy: Proxy, *, proxyless: bool = False
+) -> list[Any]:
+    """The routes of ``svc``'s ``port`` for a caller ``proxy``, clamped for that caller."""
+    routes = []
+    for requested in _class_routes():
+        wanted = requested if requested is not None else svc.config.default_priority
+        served = clamp.effective_class(wanted, svc.config, proxy)
+        cluster = names.outbound_cluster(port.port, served, svc.hostname)
+        routes.append(
+            route_components_pb2.Route(
+                name=_route_name(requested),
+                match=_match(requested),
+                route=route_action(
+                    cluster, served, svc.config.timeout_for(served), proxyless=proxyless
+                ),
+                request_headers_to_add=[set_class_header(served)],
+            )
+        )
+    return routes
+
+
+def inbound_routes(svc: InferenceService, port: ServicePort) -> list[Any]:
+    """The inbound routes of ``svc``'s ``port``: per class, all to the local workload.
+
+    The class routes carry nothing but the class's priority and timeout today; they are
+    where per-class rate limits and the critical-caller check attach.
+    """
+    cluster = names.inbound_cluster(port.port, svc.hostname)
+    routes = []
+    for requested in _class_routes():
+        served = requested if requested is not None else svc.config.default_priority
+        action = route_components_pb2.RouteAction(
+            cluster=cluster,
+            priority=ROUTE_PRIORITY[served],
+            timeout=duration(svc.config.timeout_for(served)),
+        )
+        routes.append(
+            route_components_pb2.Route(
+                name=_route_name(requested), match=_match(requested), route=action
+            )
+        )
+    return routes
+
+
+def virtual_host(
+    svc: InferenceService, port: ServicePort, viewer_namespace: str, routes: Sequence[Any]
+) -> Any:
+    return route_components_pb2.VirtualHost(
+        name=names.virtual_host(svc.hostname, port.port),
+        domains=names.service_domains(svc, port, viewer_namespace),
+        routes=list(routes),
+    )
+
+
+def route_configuration(name: str, virtual_hosts: Iterable[Any]) -> Any:
+    """A RouteConfiguration; a domain already claimed by an earlier virtual host is
+    dropped from later ones (Envoy rejects duplicates), and a host left without domains
+    is dropped."""
+    claimed: set[str] = set()
+    kept = []
+    for vhost in virtual_hosts:
+        domains = [d for d in vhost.domains if d not in claimed]
+        claimed.update(domains)
+        if not domains:
+            continue
+        copy = route_components_pb2.VirtualHost()
+        copy.CopyFrom(vhost)
+        del copy.domains[:]
+        copy.domains.extend(domains)
+        kept.append(copy)
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=kept)

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh.model import MtlsMode, Priority
+from routing import ENDPOINT_TYPE, endpoints, simulate
+from routing.simulate import SimEndpoint
+from tests.routing.factories import (
+    build,
+    cluster_name,
+    config,
+    endpoint,
+    llama_world,
+    proxy,
+    service,
+    world,
+)
+
+CRITICAL = cluster_name(Priority.CRITICAL)
+
+
+def _endpoints(resources: Any, cluster: str = CRITICAL) -> tuple[SimEndpoint, ...]:
+    found = simulate.cluster_endpoints(resources, cluster)
+    assert not isinstance(found, simulate.NoRoute), found
+    return found
+
+
+def test_gpu_at_priority_0_fallback_at_1_unready_left_out() -> None:
+    resources = build(llama_world(), proxy(), {})
+    assert _endpoints(resources) == (
+        SimEndpoint("10.0.0.1", 9000, 0, via_sidecar=False),
+        SimEndpoint("10.0.0.2", 9000, 0, via_sidecar=False),
+        SimEndpoint("10.0.0.3", 9000, 1, via_sidecar=False),
+    )
+
+
+@pytest.mark.parametrize("priority", list(Priority))
+def test_every_class_cluster_has_the_same_endpoints(priority: Priority) -> None:
+    resources = build(llama_world(), proxy(), {})
+    assert _endpoints(resources, cluster_name(priority)) == _endpoints(resources)
+
+
+def test_without_gpu_endpoints_the_fallback_is_priority_0() -> None:
+    svc = service(endpoints=[endpoint("10.0.0.3", pod="cpu-0")])
+    resources = build(world(svc), proxy(), {})
+    assert [e.priority for e in _endpoints(resources)] == [0]
+
+
+def test_no_ready_endpoints_gives_an_empty_assignment() -> None:
+    svc = service(endpoints=[endpoint("10.0.0.1", gpu=True, ready=False, pod="gpu-0")])
+    resources = build(world(svc), proxy(), {})
+    assert _endpoints(resources) == ()
+
+
+def test_every_locality_has_weight_1_and_the_high_overprovisioning_factor() -> None:
+    resources = build(llama_world(), proxy(), {})
+    for assignment in resources[ENDPOINT_TYPE]:
+        assert assignment.policy.overprovisioning_factor.value == (
+            endpoints.OVERPROVISIONING_FACTOR
+        )
+        assert [loc.load_balancing_weight.value for loc in assignment.endpoints] == [1, 1]
+
+
+def test_pods_with_a_connected_sidecar_are_addressed_at_its_inbound_port() -> None:
+    sidecars = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1", inbound_port=15106)}
+    resources = build(llama_world(), proxy(), sidecars)
+    assert _endpoints(resources)[0] == SimEndpoint("10.0.0.1", 15106, 0, via_sidecar=True)
+    assert _endpoints(resources)[1] == SimEndpoint("10.0.0.2", 9000, 0, via_sidecar=False)
+
+
+def test_a_sidecar_bound_to_one_address_is_reached_at_that_address() -> None:
+    sidecar = proxy(pod="gpu-0", ip="127.0.0.1", bind_address="127.0.0.7", inbound_port=15106)
+    resources = build(llama_world(), proxy(), {("default", "gpu-0"): sidecar})
+    assert SimEndpoint("127.0.0.7", 15106, 0, via_sidecar=True) in _endpoints(resources)
+
+
+def test_a_sidecar_in_another_namespace_is_not_this_pod() -> None:
+    sidecar = proxy(pod="gpu-0", namespace="other", inbound_port=15106)
+    resources = build(llama_world(), proxy(), {("other", "gpu-0"): sidecar})
+    assert not any(e.via_sidecar for e in _endpoints(resources))
+
+
+def test_strict_services_keep_only_sidecar_endpoints() -> None:
+    sidecars = {("default", "cpu-0"): proxy(pod="cpu-0", ip="10.0.0.3")}
+    resources = build(llama_world(config(mtls=MtlsMode.STRICT)), proxy(), sidecars)
+    assert _endpoints(resources) == (SimEndpoint("10.0.0.3", 15006, 0, via_sidecar=True),)
+
+
+def test_duplicate_addresses_are_merged_gpu_first() -> None:
+    svc = service(endpoints=[endpoint("10.0.0.9"), endpoint("10.0.0.9", gpu=True)])
+    resources = build(world(svc), proxy(), {})
+    assert _endpoints(resources) == (SimEndpoint("10.0.0.9", 9000, 0, via_sidecar=False),)
+
+
+@pytest.mark.parametrize(
+    ("unhealthy", "loads"),
+    [
+        (set(), (100, 0)),
+        ({("10.0.0.1", 9000)}, (100, 0)),
+        ({("10.0.0.1", 9000), ("10.0.0.2", 9000)}, (0, 100)),
+        ({("10.0.0.1", 9000), ("10.0.0.2", 9000), ("10.0.0.3", 9000)}, (100, 0)),
+    ],
+)
+def test_fallback_only_gets_load_when_no_gpu_host_is_healthy(
+    unhealthy: set[tuple[str, int]], loads: tuple[int, ...]
+) -> None:
+    resources = build(llama_world(), proxy(), {})
+    assert simulate.priority_loads(resources, CRITICAL, frozenset(unhealthy)) == loads
+
+
+def test_envoys_default_factor_would_spill_early() -> None:
+    """The reason for the factor: with Envoy's default 140, one of two GPU hosts down
+    already sends 30 % to the fallback."""
+    resources = build(llama_world(), proxy(), {})
+    for assignment in resources[ENDPOINT_TYPE]:
+        assignment.ClearField("policy")
+    assert simulate.priority_loads(resources, CRITICAL, frozenset({("10.0.0.1", 9000)})) == (
+        70,
+        30,
+    )
+
+
+def test_many_gpu_hosts_with_one_healthy_keep_all_load() -> None:
+    gpus = [endpoint(f"10.0.{i // 250}.{i % 250 + 1}", gpu=True, pod=f"g{i}") for i in range(1000)]
+    svc = service(endpoints=[*gpus, endpoint("10.9.9.9", pod="cpu")])
+    resources = build(world(svc), proxy(), {})
+    unhealthy = frozenset((e.address, e.port) for e in gpus[1:])
+    assert simulate.priority_loads(resources, CRITICAL, unhealthy) == (100, 0)
