@@ -1,0 +1,236 @@
+"""The global rate-limit service: Envoy's ``envoy.service.ratelimit.v3.RateLimitService``.
+
+Envoy's ``envoy.filters.http.ratelimit`` filter calls ``ShouldRateLimit`` with a domain
+and one or more descriptors. Each descriptor is matched against the current
+:class:`~ratelimit.rules.RuleSet` (or carries its own ``limit`` override), counted in
+fixed windows by :class:`~ratelimit.counters.Counters` (in memory, or in a Redis shared
+by every replica), and answered as envoyproxy/ratelimit answers:
+
+- one status per descriptor, in order: ``code``, ``current_limit``, ``limit_remaining``
+  and ``duration_until_reset`` (Envoy builds its draft-03 ``X-RateLimit-*`` headers from
+  these); unmatched descriptors are ``OK`` with no limit;
+- ``overall_code`` is ``OVER_LIMIT`` if any descriptor is over (shadow-mode rules never
+  are; with the service-wide ``shadow_mode`` nothing is refused, but it is counted);
+- with ``limit_headers``, ``RateLimit-Limit``, ``RateLimit-Remaining`` and
+  ``RateLimit-Reset`` from the descriptor with the least remaining
+  (envoyproxy/ratelimit's ``LIMIT_RESPONSE_HEADERS_ENABLED``);
+- an empty domain or descriptor list is ``INVALID_ARGUMENT``.
+
+Rules are swapped whole with :meth:`RateLimitService.set_rules` when the world changes;
+a call in flight keeps the rules it started with. Counters survive a swap: a rule that
+keeps its descriptor keeps counting in the same window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import duration_pb2
+from prometheus_client import Counter, Histogram
+
+from ratelimit.counters import Check, Counters, Decision, Result
+from ratelimit.rules import Entry, Rule, RuleSet, Unit, override_rule
+
+log = logging.getLogger(__name__)
+
+#: The port Istio-style deployments expect the service on (SPEC).
+DEFAULT_RLS_PORT = 8081
+
+#: envoyproxy/ratelimit's default header names.
+LIMIT_HEADER = "RateLimit-Limit"
+REMAINING_HEADER = "RateLimit-Remaining"
+RESET_HEADER = "RateLimit-Reset"
+
+_Code = rls_pb2.RateLimitResponse.Code
+_ProtoLimit = rls_pb2.RateLimitResponse.RateLimit
+
+_UNIT_TO_PROTO = {
+    Unit.SECOND: _ProtoLimit.SECOND,
+    Unit.MINUTE: _ProtoLimit.MINUTE,
+    Unit.HOUR: _ProtoLimit.HOUR,
+    Unit.DAY: _ProtoLimit.DAY,
+    Unit.WEEK: _ProtoLimit.WEEK,
+    Unit.MONTH: _ProtoLimit.MONTH,
+    Unit.YEAR: _ProtoLimit.YEAR,
+}
+_PROTO_TO_UNIT = {v: k for k, v in _UNIT_TO_PROTO.items()}
+
+#: Latency buckets from 0.1 ms to 250 ms: Envoy's own timeout is typically 20 to 100 ms.
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class InvalidRequest(ValueError):
+    """A request the service cannot answer (empty domain, no descriptors)."""
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    """``ShouldRateLimit`` over swappable rules and shared counters."""
+
+    def __init__(
+        self,
+        counters: Counters,
+        rules: RuleSet | None = None,
+        *,
+        limit_headers: bool = False,
+        shadow_mode: bool = False,
+    ) -> None:
+        self.counters = counters
+        self._rules = rules or RuleSet()
+        self.limit_headers = limit_headers
+        #: Service-wide shadow mode: decide and count as usual, never refuse.
+        self.shadow_mode = shadow_mode
+        registry = counters.metrics.registry
+        self._requests = Counter(
+            "inferlane_rls_requests_total",
+            "ShouldRateLimit calls by overall code (or invalid).",
+            ["code"],
+            registry=registry,
+        )
+        self._shadowed = Counter(
+            "inferlane_rls_shadow_mode_total",
+            "Over-limit answers turned into OK by the service-wide shadow mode.",
+            registry=registry,
+        )
+        self._latency = Histogram(
+            "inferlane_rls_request_seconds",
+            "Time to answer one ShouldRateLimit call.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._rules
+
+    def set_rules(self, rules: RuleSet) -> None:
+        """Replace the rules in one step (an attribute swap; calls in flight keep theirs)."""
+        if rules != self._rules:
+            log.info("rate-limit rules replaced: %d domain(s)", len(rules.domains))
+        self._rules = rules
+
+    def debug(self) -> dict[str, Any]:
+        """A JSON-ready view for a debug page: the rules and the counter store's state."""
+        return {
+            "backend": self.counters.backend,
+            "backend_up": self.counters.up,
+            "failure_mode": str(self.counters.failure_mode),
+            "shadow_mode": self.shadow_mode,
+            "limit_headers": self.limit_headers,
+            **self._rules.to_dict(),
+        }
+
+    async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
+        try:
+            return await self.should_rate_limit(request)
+        except InvalidRequest as exc:
+            self._requests.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort raises; this line is never reached
+
+    async def should_rate_limit(self, request: Any) -> Any:
+        """Answer one ``RateLimitRequest``; raises :class:`InvalidRequest` for a bad one."""
+        started = time.perf_counter()
+        domain = request.domain
+        if not domain:
+            raise InvalidRequest("rate limit domain must not be empty")
+        if not request.descriptors:
+            raise InvalidRequest("rate limit descriptor list must not be empty")
+        rules = self._rules  # one snapshot for the whole call
+        checks = [self._check(rules, domain, d, request.hits_addend) for d in request.descriptors]
+        decisions = await self.counters.check(domain, checks)
+        response = rls_pb2.RateLimitResponse(statuses=[_status(d) for d in decisions])
+        over = any(d.result is Result.OVER_LIMIT for d in decisions)
+        if over and self.shadow_mode:
+            self._shadowed.inc()
+            over = False
+        response.overall_code = _Code.OVER_LIMIT if over else _Code.OK
+        if self.limit_headers:
+            response.response_headers_to_add.extend(_limit_headers(response.statuses))
+        self._requests.labels(_Code.Name(response.overall_code)).inc()
+        self._latency.observe(time.perf_counter() - started)
+        return response
+
+    @staticmethod
+    def _check(rules: RuleSet, domain: str, descriptor: Any, request_hits: int) -> Check:
+        entries: tuple[Entry, ...] = tuple((e.key, e.value) for e in descriptor.entries)
+        rule: Rule | None
+        if descriptor.HasField("limit") and descriptor.limit.unit in _PROTO_TO_UNIT:
+            rule = override_rule(
+                domain,
+                entries,
+                descriptor.limit.requests_per_unit,
+                _PROTO_TO_UNIT[descriptor.limit.unit],
+            )
+        else:
+            rule = rules.match(entries, domain)
+        if descriptor.HasField("hits_addend"):
+            hits = int(descriptor.hits_addend.value)
+        else:
+            hits = int(request_hits)
+        return Check(entries=entries, rule=rule, hits=max(1, hits))
+
+
+def _duration(seconds: float) -> Any:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(max(0, round(seconds * 1e9)))
+    return duration
+
+
+def _status(decision: Decision) -> Any:
+    status = rls_pb2.RateLimitResponse.DescriptorStatus(
+        code=_Code.OVER_LIMIT if decision.result is Result.OVER_LIMIT else _Code.OK,
+        limit_remaining=min(decision.remaining, 2**32 - 1),
+    )
+    rule = decision.rule
+    if rule is not None and not rule.limit.unlimited:
+        status.current_limit.CopyFrom(
+            _ProtoLimit(
+                name=rule.limit.name,
+                requests_per_unit=rule.limit.requests_per_unit,
+                unit=_UNIT_TO_PROTO[rule.limit.unit],
+            )
+        )
+        status.duration_until_reset.CopyFrom(_duration(decision.reset_after_s))
+    return status
+
+
+def _limit_headers(statuses: Any) -> list[Any]:
+    limited = [s for s in statuses if s.HasField("current_limit")]
+    if not limited:
+        return []
+    tightest = min(limited, key=lambda s: s.limit_remaining)
+    reset_s = math.ceil(tightest.duration_until_reset.ToNanoseconds() / 1e9)
+    values = (
+        (LIMIT_HEADER, str(tightest.current_limit.requests_per_unit)),
+        (REMAINING_HEADER, str(tightest.limit_remaining)),
+        (RESET_HEADER, str(reset_s)),
+    )
+    return [base_pb2.HeaderValue(key=k, value=v) for k, v in values]
+
+
+def add_rls_servicer(server: Any, service: RateLimitService) -> None:
+    """Register ``service`` on a ``grpc.aio.Server`` (before it starts)."""
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
+
+
+async def start_rls_server(
+    service: RateLimitService, host: str = "127.0.0.1", port: int = DEFAULT_RLS_PORT
+) -> tuple[Any, int]:
+    """Start a ``grpc.aio`` server with only the rate-limit service; returns it and its port.
+
+    ``port`` 0 binds any free port. Stop it with ``await server.stop(grace)``.
+    """
+    server = grpc.aio.server()
+    add_rls_servicer(server, service)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the rate-limit service to {host}:{port}")
+    await server.start()
+    log.info("rate-limit service listening on %s:%d", host, bound)
+    return server, bound
