@@ -166,9 +166,9 @@ def make_source(settings: ServeSettings) -> WorldSource:
 
         return ManifestSource(settings.manifests)
     if settings.kubernetes:
-        from mesh.kube import KubernetesSource
+        from mesh.kube import KubernetesSource, new_api_client
 
-        return KubernetesSource.from_environment()
+        return KubernetesSource(new_api_client)
     raise ValueError("give --manifests PATH or --kubernetes")
 
 

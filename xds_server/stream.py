@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xds_server import types, wire
-from xds_server.snapshot import Resource, Snapshot, digest
+from xds_server.snapshot import Resource, Snapshot, View, version_of
 
 #: Most resource names one request may carry; far beyond any real proxy's needs.
 MAX_NAMES_PER_REQUEST = 10_000
@@ -62,13 +62,6 @@ class SyncStatus(enum.StrEnum):
     STALE = "STALE"
     NACKED = "NACKED"
     NOT_SENT = "NOT SENT"
-
-
-def version_of(resources: Mapping[str, Resource]) -> str:
-    """A SotW ``version_info``: a hash of the names and versions of what is sent."""
-    if not resources:
-        return digest(b"")
-    return digest("\n".join(f"{n}={resources[n].version}" for n in sorted(resources)).encode())
 
 
 @dataclass(frozen=True)
@@ -100,7 +93,10 @@ class TypeState:
     type_url: str
     subscribed: bool = False
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    #: Subscribed names (besides a wildcard). Replaced, never mutated, so it can key views.
+    names: frozenset[str] = frozenset()
+    #: What the proxy was sent / acknowledged. Under SotW these mappings are shared with
+    #: snapshot views and replaced whole; under Delta they are private and edited.
     sent: dict[str, Resource] = field(default_factory=dict)
     sent_version: str = ""
     acked: dict[str, Resource] = field(default_factory=dict)
@@ -215,7 +211,9 @@ class StreamState:
             wildcard = True
         else:
             wildcard = not names and st.type_url in types.WILDCARD_TYPES and (first or st.wildcard)
-        st.wildcard, st.names = wildcard, names
+        if names != st.names:
+            st.names = frozenset(names)
+        st.wildcard = wildcard
         if first:
             st.subscribed = True
             if req.version_info:
@@ -235,8 +233,8 @@ class StreamState:
         if "*" in unsub:
             st.wildcard = False
             unsub.discard("*")
-        st.names |= sub
-        st.names -= unsub
+        if sub or unsub:
+            st.names = (st.names | sub) - unsub
         for name in unsub:
             st.sent.pop(name, None)
             st.acked.pop(name, None)
@@ -256,7 +254,8 @@ class StreamState:
                 st.sent[name] = st.acked[name] = res
 
     def _ack(self, st: TypeState, nonce: str) -> RequestResult:
-        st.acked = dict(st.sent)
+        # SotW replaces ``sent`` whole, so it can be shared; Delta edits it in place.
+        st.acked = dict(st.sent) if self.delta else st.sent
         st.acked_version = st.sent_version
         st.pending = False
         st.nacked = False
@@ -280,30 +279,37 @@ class StreamState:
 
     # -- outputs ----------------------------------------------------------------
 
-    def _plain(self, st: TypeState) -> dict[str, Resource]:
-        have = self.snapshot.of_type(st.type_url) if self.snapshot else {}
-        if st.wildcard:
-            return dict(have)
-        return {n: have[n] for n in st.names if n in have}
+    def _plain(self, st: TypeState) -> View:
+        if self.snapshot is None:
+            return View({}, version_of({}))
+        return self.snapshot.view(st.type_url, None if st.wildcard else st.names)
 
     def _converged(self, st: TypeState) -> bool:
         plain = self._plain(st)
-        if plain.keys() != st.acked.keys():
+        if not self.delta:
+            return st.acked_version == plain.version
+        if plain.resources.keys() != st.acked.keys():
             return False
-        return all(st.acked[n].version == r.version for n, r in plain.items())
+        return all(st.acked[n].version == r.version for n, r in plain.resources.items())
 
-    def _desired(self, index: int, st: TypeState) -> dict[str, Resource]:
-        desired = self._plain(st)
+    def _desired(self, index: int, st: TypeState) -> tuple[dict[str, Resource], View]:
+        """What to hold for this type now, as a view (shared when nothing is held back)."""
+        view = self._plain(st)
+        desired: dict[str, Resource] = view.resources
         later = (self.types.get(t) for t in types.PUSH_ORDER[index + 1 :])
         if any(s is not None and s.subscribed and not self._converged(s) for s in later):
-            for name, res in st.acked.items():
-                if name not in desired and st.wants(name):
-                    desired[name] = res
+            kept = {n: r for n, r in st.acked.items() if n not in desired and st.wants(n)}
+            if kept:
+                desired = {**desired, **kept}
         if st.type_url == types.ROUTE:
-            self._hold_routes_until_clusters_warm(st, desired)
-        return desired
+            desired = self._hold_routes_until_clusters_warm(st, desired)
+        if desired is view.resources:
+            return desired, view
+        return desired, View(desired, version_of(desired))
 
-    def _hold_routes_until_clusters_warm(self, st: TypeState, desired: dict[str, Resource]) -> None:
+    def _hold_routes_until_clusters_warm(
+        self, st: TypeState, desired: dict[str, Resource]
+    ) -> dict[str, Resource]:
         """Keep the proxy's current version of a route configuration that names a cluster
         the proxy has not yet acknowledged with its endpoints.
 
@@ -313,7 +319,7 @@ class StreamState:
         """
         cds = self.types.get(types.CLUSTER)
         if cds is None or not cds.wildcard:
-            return
+            return desired
         eds = self.types.get(types.ENDPOINT)
         eds_acked = eds.acked if eds is not None else {}
 
@@ -323,14 +329,21 @@ class StreamState:
                 n in eds_acked for t, n in res.refs if t == types.ENDPOINT
             )
 
-        for name, res in list(desired.items()):
-            if all(warm(n) for t, n in res.refs if t == types.CLUSTER):
-                continue
-            held = st.acked.get(name)
-            if held is None:
-                del desired[name]
+        cold = [
+            name
+            for name, res in desired.items()
+            if not all(warm(n) for t, n in res.refs if t == types.CLUSTER)
+        ]
+        if not cold:
+            return desired
+        held = dict(desired)
+        for name in cold:
+            previous = st.acked.get(name)
+            if previous is None:
+                del held[name]
             else:
-                desired[name] = held
+                held[name] = previous
+        return held
 
     def responses(self) -> list[Outgoing]:
         """Everything to send now, in push order, with the state recorded as sent."""
@@ -341,10 +354,9 @@ class StreamState:
             st = self.types.get(type_url)
             if st is None or not st.subscribed:
                 continue
-            desired = self._desired(index, st)
-            respond = self._delta_response if self.delta else self._sotw_response
-            before = dict(st.sent)
-            msg = respond(st, desired)
+            desired, view = self._desired(index, st)
+            before = st.sent if not self.delta else dict(st.sent)
+            msg = self._delta_response(st, desired) if self.delta else self._sotw_response(st, view)
             if msg is not None:
                 out.append(msg)
                 if type_url == types.CLUSTER:
@@ -375,12 +387,12 @@ class StreamState:
         st.change_ts = self.change_ts
         st.responses_sent += 1
 
-    def _sotw_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
-        version = version_of(desired)
+    def _sotw_response(self, st: TypeState, view: View) -> Outgoing | None:
+        desired, version = view.resources, view.version
         if st.client_version:
             holds, st.client_version = st.client_version == version, ""
             if holds:
-                st.sent, st.acked = desired, dict(desired)
+                st.sent, st.acked = desired, desired
                 st.sent_version = st.acked_version = version
                 return None
             st.force = True
@@ -391,13 +403,10 @@ class StreamState:
         if not st.force and version == st.rejected_version:
             return None
         nonce = self._next_nonce()
-        ordered = [desired[n] for n in sorted(desired)]
-        payload = wire.discovery_response(
-            version, st.type_url, nonce, (r.sotw_field for r in ordered)
-        )
+        payload = view.sotw_payload(st.type_url, nonce)
         st.sent, st.sent_version = desired, version
         self._record_sent(st, nonce)
-        return Outgoing(st.type_url, nonce, version, payload, len(ordered))
+        return Outgoing(st.type_url, nonce, version, payload, len(desired))
 
     def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
         changed = [
