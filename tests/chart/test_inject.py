@@ -1,0 +1,511 @@
+"""``inferlane inject``: valid output, one sidecar per Pod template, other documents untouched.
+
+The sidecar's bootstrap is checked the way the kubelet would run it: its ``$(VAR)``
+references are expanded from the container's environment (with downward-API values a
+kubelet would fill in), then the real Envoy validates it and, in the end-to-end test,
+connects over TLS to an ADS server that records the token and the node it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.wait import eventually
+from mesh.proxy import ProxyKind, proxy_from_node
+from mtls.ca import CertificateAuthority
+from tests.chart.render import Obj, validate
+from tests.support.envoy import require_envoy
+from xds_server.inject import (
+    SIDECAR_NAME,
+    TEMPLATE_PATHS,
+    TOKEN_AUDIENCE,
+    TOKEN_DIR,
+    TOKEN_PATH,
+    TOKEN_VOLUME,
+    InjectOptions,
+    ManifestLoader,
+    inject_text,
+    main,
+    split_documents,
+)
+from xds_server.security import DEFAULT_SERVER_NAMES
+
+HERE = Path(__file__).parent
+WORKLOADS = (HERE / "manifests" / "workloads.yaml").read_text(encoding="utf-8")
+EXAMPLES = sorted((HERE.parents[1] / "examples" / "cluster").glob("*.yaml"))
+XDS_HOST = "inferlane.inferlane.svc"
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate()
+
+
+@pytest.fixture(scope="module")
+def opts(ca: CertificateAuthority) -> InjectOptions:
+    return InjectOptions(ca_pem=ca.trust_bundle_pem.decode())
+
+
+def load(text: str) -> list[Obj]:
+    return [d for d in yaml.load_all(text, Loader=ManifestLoader) if d is not None]
+
+
+def injected(text: str, opts: InjectOptions) -> str:
+    result = inject_text(text, opts)
+    assert result.errors == ()
+    return result.text
+
+
+def objects(docs: list[Obj]) -> Iterator[Obj]:
+    """Every object, with List items flattened."""
+    for doc in docs:
+        if doc.get("kind") == "List":
+            yield from doc["items"]
+        else:
+            yield doc
+
+
+def template_of(obj: Obj) -> Obj | None:
+    path = TEMPLATE_PATHS.get(obj["kind"])
+    if path is None:
+        return None
+    template = obj
+    for key in path:
+        template = template[key]
+    return template
+
+
+def sidecars(template: Obj) -> list[Obj]:
+    spec = template["spec"]
+    return [
+        c
+        for c in [*spec.get("initContainers", []), *spec["containers"]]
+        if c["name"] == SIDECAR_NAME
+    ]
+
+
+# --- what is added ------------------------------------------------------------------------
+
+
+def test_every_pod_template_gets_one_sidecar(opts: InjectOptions) -> None:
+    result = inject_text(WORKLOADS, opts)
+    assert result.errors == ()
+    assert sorted(result.injected) == [
+        "CronJob apps/nightly",
+        "DaemonSet apps/agent",
+        "Deployment apps/chat",
+        "Job apps/batch",
+        "Pod apps/debug",
+        "Pod apps/listed",
+        "ReplicaSet apps/embedder",
+        "StatefulSet apps/llama",
+    ]
+    assert sorted(result.skipped) == [
+        "Pod apps/legacy: inferlane.io/inject is false",
+        "Pod apps/node-exporter: uses the host network",
+    ]
+    before = {(o["kind"], o["metadata"]["name"]): o for o in objects(load(WORKLOADS))}
+    for obj in objects(load(result.text)):
+        template = template_of(obj)
+        if template is None:
+            continue
+        name = obj["metadata"]["name"]
+        expected = 0 if name in ("legacy", "node-exporter") else 1
+        assert len(sidecars(template)) == expected, f"{obj['kind']} {name}"
+        if expected:
+            spec = template["spec"]
+            # First among the init containers, so it starts before everything else.
+            assert spec["initContainers"][0]["name"] == SIDECAR_NAME
+            original = template_of(before[(obj["kind"], name)])
+            assert original is not None
+            assert spec["containers"] == original["spec"]["containers"]
+            assert spec["initContainers"][1:] == original["spec"].get("initContainers", [])
+            assert [v["name"] for v in spec["volumes"]][-1] == TOKEN_VOLUME
+
+
+def test_output_is_valid_kubernetes(opts: InjectOptions) -> None:
+    texts = [WORKLOADS, *(p.read_text(encoding="utf-8") for p in EXAMPLES)]
+    checked = 0
+    for text in texts:
+        for obj in objects(load(injected(text, opts))):
+            validate(obj)
+            checked += 1
+    assert checked > 20
+
+
+def test_documents_without_pod_templates_are_kept_byte_for_byte(opts: InjectOptions) -> None:
+    out = split_documents(injected(WORKLOADS, opts))
+    original = split_documents(WORKLOADS)
+    assert len(out) == len(original)
+    kept = 0
+    for before, after in zip(original, out, strict=True):
+        docs = load(before.separator + before.body)
+        has_template = any(
+            template_of(o) is not None and not _skipped(o) for o in objects(docs) if o
+        )
+        if not has_template:
+            assert (after.separator, after.body) == (before.separator, before.body)
+            kept += 1
+    # ConfigMap, Service, the two skipped Pods, the comment, the trailing ServiceAccount.
+    assert kept == 6
+
+
+def _skipped(obj: Obj) -> bool:
+    return obj["metadata"]["name"] in ("legacy", "node-exporter")
+
+
+def test_injecting_twice_adds_one_sidecar(opts: InjectOptions) -> None:
+    once = injected(WORKLOADS, opts)
+    twice = inject_text(once, opts)
+    assert twice.text == once
+    assert twice.injected == ()
+    assert len(twice.skipped) == len(inject_text(WORKLOADS, opts).skipped) + 8
+
+
+def test_the_sidecar_needs_no_privileges(opts: InjectOptions) -> None:
+    for obj in objects(load(injected(WORKLOADS, opts))):
+        template = template_of(obj)
+        if template is None or _skipped(obj):
+            continue
+        (sidecar,) = sidecars(template)
+        security = sidecar["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["runAsUser"] != 0
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["privileged"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert sidecar["restartPolicy"] == "Always"
+        assert sidecar["image"] == "envoyproxy/envoy:v1.40.0"
+        # No iptables: nothing else was added, and the pod's own settings are unchanged.
+        added = [c["name"] for c in template["spec"]["initContainers"]]
+        assert added.count(SIDECAR_NAME) == 1
+
+
+def test_the_token_is_projected_for_inferlane_only(opts: InjectOptions) -> None:
+    deployment = next(o for o in load(injected(WORKLOADS, opts)) if o.get("kind") == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == TOKEN_VOLUME]
+    (source,) = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == TOKEN_AUDIENCE == "inferlane"
+    (sidecar,) = sidecars(deployment["spec"]["template"])
+    (mount,) = sidecar["volumeMounts"]
+    assert (mount["name"], mount["readOnly"]) == (TOKEN_VOLUME, True)
+    assert f"{mount['mountPath']}/{token['path']}" == TOKEN_PATH
+    assert mount["mountPath"] == TOKEN_DIR
+    # The app containers do not see the token.
+    assert all("volumeMounts" not in c for c in spec["containers"])
+
+
+# --- the bootstrap, as the kubelet runs it -------------------------------------------------
+
+DOWNWARD = {
+    "metadata.name": "chat-7d4b9-x2x9z",
+    "metadata.namespace": "apps",
+    "status.podIP": "10.1.2.3",
+    "spec.serviceAccountName": "chat",
+}
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def kubelet_expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: defined names are replaced, ``$$`` is ``$``."""
+
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name = match[1]
+        return env[name] if name in env else match[0]
+
+    return _VAR.sub(one, text)
+
+
+def sidecar_args(opts: InjectOptions) -> list[str]:
+    deployment = next(o for o in load(injected(WORKLOADS, opts)) if o.get("kind") == "Deployment")
+    (sidecar,) = sidecars(deployment["spec"]["template"])
+    env = {e["name"]: DOWNWARD[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in sidecar["env"]}
+    args = [kubelet_expand(a, env) for a in sidecar["args"]]
+    assert not any("$(" in a for a in args), "a $(VAR) the container does not define"
+    assert sidecar["command"] == ["envoy"]
+    return args
+
+
+def config_of(args: list[str]) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads(args[args.index("--config-yaml") + 1])
+    return config
+
+
+def with_config(args: list[str], config: Mapping[str, Any]) -> list[str]:
+    out = list(args)
+    out[out.index("--config-yaml") + 1] = json.dumps(config)
+    return out
+
+
+def test_bootstrap_names_the_pod_and_its_identity(opts: InjectOptions) -> None:
+    config = config_of(sidecar_args(opts))
+    node = config["node"]
+    assert node["id"] == "sidecar~10.1.2.3~chat-7d4b9-x2x9z.apps~apps.svc.cluster.local"
+    proxy = proxy_from_node(node["id"], node["metadata"])
+    assert proxy.kind is ProxyKind.SIDECAR
+    assert (proxy.ip, proxy.pod_name, proxy.namespace) == ("10.1.2.3", "chat-7d4b9-x2x9z", "apps")
+    assert proxy.service_account == "chat"
+    assert dict(proxy.labels) == {"app": "chat", "tier": "frontend"}
+    (service,) = config["dynamic_resources"]["ads_config"]["grpc_services"]
+    grpc_config = service["google_grpc"]
+    assert grpc_config["target_uri"] == f"{XDS_HOST}:15012"
+    root = grpc_config["channel_credentials"]["ssl_credentials"]["root_certs"]["inline_string"]
+    assert root == opts.ca_pem
+    override = grpc_config["channel_args"]["args"]["grpc.ssl_target_name_override"]
+    assert override["string_value"] in DEFAULT_SERVER_NAMES
+    (credentials,) = grpc_config["call_credentials"]
+    plugin = credentials["from_plugin"]["typed_config"]
+    assert plugin["secret_data"] == {"filename": TOKEN_PATH}
+    assert plugin["header_prefix"] == "Bearer "
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.envoy
+def test_bootstrap_passes_envoy_validation(opts: InjectOptions) -> None:
+    envoy = require_envoy()
+    done = subprocess.run(
+        [envoy, "--mode", "validate", *sidecar_args(opts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "OK" in done.stdout + done.stderr
+
+
+@dataclass
+class AdsRecorder(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """An ADS server that records each stream's metadata and first node, and answers nothing."""
+
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    nodes: list[Any] = field(default_factory=list)
+
+    async def StreamAggregatedResources(self, requests: Any, context: Any) -> None:
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
+        async for request in requests:
+            if request.HasField("node"):
+                self.nodes.append(request.node)
+
+
+@contextlib.asynccontextmanager
+async def tls_ads_server(ca: CertificateAuthority, recorder: AdsRecorder) -> AsyncIterator[int]:
+    # The names every control-plane replica's TLS certificate carries.
+    cert = ca.issue_server(list(DEFAULT_SERVER_NAMES))
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(recorder, server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)])
+    )
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.envoy
+async def test_envoy_sends_the_token_over_tls(
+    opts: InjectOptions, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """The injected Envoy dials TLS, checks the server's name and CA, and sends the token."""
+    envoy = require_envoy()
+    token = "eyJhbGciOiJSUzI1NiJ9.test-token.signature"
+    (tmp_path / "token").write_text(token)
+    recorder = AdsRecorder()
+    async with tls_ads_server(ca, recorder) as port:
+        args = sidecar_args(opts)
+        config = config_of(args)
+        # Only what a test host needs: the Service's address, the token's place, the
+        # admin port. TLS settings, server name and credentials stay as injected.
+        grpc_config = config["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]
+        grpc_config["target_uri"] = f"127.0.0.1:{port}"
+        plugin = grpc_config["call_credentials"][0]["from_plugin"]["typed_config"]
+        plugin["secret_data"]["filename"] = str(tmp_path / "token")
+        config["admin"]["address"]["socket_address"]["port_value"] = 0
+        proc = await asyncio.create_subprocess_exec(
+            envoy,
+            *with_config(args, config),
+            "--log-path",
+            str(tmp_path / "envoy.log"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+
+            async def connected() -> bool:
+                assert proc.returncode is None, (tmp_path / "envoy.log").read_text()[-2000:]
+                return bool(recorder.nodes)
+
+            await eventually(connected, timeout=20, what="Envoy's first ADS request")
+        finally:
+            proc.kill()
+            await proc.wait()
+    assert recorder.metadata[0]["authorization"] == f"Bearer {token}"
+    node = recorder.nodes[0]
+    assert node.id == "sidecar~10.1.2.3~chat-7d4b9-x2x9z.apps~apps.svc.cluster.local"
+    assert node.metadata.fields["NAMESPACE"].string_value == "apps"
+    assert node.metadata.fields["SERVICE_ACCOUNT"].string_value == "chat"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: b}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (POD + "---\nkind: [unclosed\n", "document 2 (line 6): not valid YAML"),
+        (POD + "---\n- a\n- b\n", "document 2 (line 6) is a list, not a Kubernetes object"),
+        (POD + "---\njust words\n", "document 2 (line 6) is a string, not a Kubernetes object"),
+        ("metadata: {name: x}\n", "document 1 (line 1) has no kind"),
+        (
+            "kind: Deployment\nmetadata: {name: d}\nspec: {template: 3}\n",
+            "document 1 (line 1).spec.template is a number, not a mapping",
+        ),
+        (
+            "kind: Pod\nmetadata: {name: p}\nspec: {containers: {a: b}}\n",
+            "spec.containers is a mapping, not a list",
+        ),
+        ("kind: Pod\nmetadata: {name: p}\nspec: {}\n", "spec has no containers"),
+        (
+            POD.replace("spec:\n", "spec:\n  volumes: [{name: inferlane-token, emptyDir: {}}]\n"),
+            "has a volume 'inferlane-token' already",
+        ),
+    ],
+)
+def test_bad_input_names_the_document(text: str, message: str, opts: InjectOptions) -> None:
+    result = inject_text(text, opts)
+    assert result.text == ""
+    assert any(message in error for error in result.errors), result.errors
+
+
+def test_cli_prints_manifests_or_errors(
+    opts: InjectOptions, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text(opts.ca_pem)
+    manifests = tmp_path / "app.yaml"
+    manifests.write_text(WORKLOADS)
+    assert main(["inject", "-f", str(manifests), "--ca-file", str(ca_file)]) == 0
+    out, err = capsys.readouterr()
+    assert out == injected(WORKLOADS, opts)
+    assert "not injected: Pod apps/legacy" in err
+
+    manifests.write_text(POD + "---\n- not an object\n")
+    assert main(["inject", "-f", str(manifests), "--ca-file", str(ca_file)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "document 2 (line 6) is a list" in err
+
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    assert main(["inject", "-f", str(manifests), "--ca-file", str(tmp_path / "bad.crt")]) == 1
+    assert "no PEM certificate" in capsys.readouterr().err
+    for xds in ("no-port", "host:99999", "bad_host!:15012"):
+        assert main(["inject", "-f", str(manifests), "--ca-file", str(ca_file), "--xds", xds]) == 1
+        assert "inferlane inject:" in capsys.readouterr().err
+
+
+def test_cli_reads_stdin_and_honours_options(
+    opts: InjectOptions,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text(opts.ca_pem)
+    monkeypatch.setattr("sys.stdin", io.StringIO(POD))
+    argv = ["inject", "-f", "-", "--ca-file", str(ca_file), "--xds", "cp.mesh.svc:443"]
+    argv += ["--server-name", "istiod.mesh.svc", "--delta", "--image", "example.com/envoy:1"]
+    assert main(argv) == 0
+    (pod,) = load(capsys.readouterr().out)
+    (sidecar,) = sidecars(pod)
+    assert sidecar["image"] == "example.com/envoy:1"
+    config = config_of(sidecar["args"])
+    ads = config["dynamic_resources"]["ads_config"]
+    assert ads["api_type"] == "DELTA_GRPC"
+    grpc_config = ads["grpc_services"][0]["google_grpc"]
+    assert grpc_config["target_uri"] == "cp.mesh.svc:443"
+    override = grpc_config["channel_args"]["args"]["grpc.ssl_target_name_override"]
+    assert override == {"string_value": "istiod.mesh.svc"}
+
+
+# --- properties ----------------------------------------------------------------------------
+
+_names = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
+_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=20)
+
+
+@st.composite
+def _untouched_document(draw: st.DrawFn) -> str:
+    data = draw(st.dictionaries(_names, _values, max_size=3))
+    obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": draw(_names)}}
+    if data:
+        obj["data"] = data
+    style = draw(st.sampled_from(["block", "flow", "commented"]))
+    text = yaml.safe_dump(obj, default_flow_style=style == "flow")
+    return f"# {draw(_names)}\n{text}" if style == "commented" else text
+
+
+@st.composite
+def _pod_document(draw: st.DrawFn) -> str:
+    labels = draw(st.dictionaries(_names, _names, max_size=3))
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": draw(_names), "labels": labels},
+        "spec": {"containers": [{"name": draw(_names), "image": "example.com/app:1"}]},
+    }
+    return yaml.safe_dump(pod)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.one_of(_untouched_document(), _pod_document()), min_size=1, max_size=6))
+def test_streams_keep_others_and_inject_once(opts: InjectOptions, docs: list[str]) -> None:
+    text = "---\n".join(docs)
+    result = inject_text(text, opts)
+    assert result.errors == ()
+    assert len(result.injected) == sum(1 for d in docs if "kind: Pod" in d)
+    for before, after in zip(split_documents(text), split_documents(result.text), strict=True):
+        if "kind: Pod" not in before.body:
+            assert (after.separator, after.body) == (before.separator, before.body)
+    assert inject_text(result.text, opts).text == result.text
+    for obj in objects(load(result.text)):
+        if obj["kind"] == "Pod":
+            assert len(sidecars(obj)) == 1
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text(max_size=300))
+def test_any_text_gives_output_or_errors_never_an_exception(opts: InjectOptions, text: str) -> None:
+    result = inject_text(text, opts)
+    assert not (result.errors and result.text)
+    if not result.errors and not result.injected:
+        assert result.text == text
