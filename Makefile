@@ -24,6 +24,9 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m bench.convergence
+	$(BIN)/python -m bench.priority
+	$(BIN)/python -m bench.certs
+	$(BIN)/python -m bench.rls
 
 demo: venv
 	$(BIN)/inferlane demo

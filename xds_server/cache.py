@@ -51,12 +51,20 @@ class ConfigCache:
 
     def __init__(self, generator: Generator | None = None) -> None:
         self.interner = ResourceInterner()
-        self.generator: Generator = generator or EmptyGenerator()
+        self.generator: Generator = EmptyGenerator()
+        #: 0 until a generator is installed: nothing is served before the first world.
         self.generation = 0
         #: Monotonic time of the first change folded into the current generation.
         self.change_ts: float | None = None
         self._memo: dict[Hashable, Snapshot] = {}
         self.failures = 0
+        if generator is not None:
+            self.update(generator)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a generator has been installed (a world is known)."""
+        return self.generation > 0
 
     def update(self, generator: Generator, change_ts: float | None = None) -> int:
         """Install a new generation. Streams pick it up when the server pushes."""

@@ -53,10 +53,11 @@ class Debouncer:
                 remaining = first + self.settings.max_delay - self._clock()
                 if remaining <= 0:
                     break
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives together with a trigger, and shutdown would hang.
                 try:
-                    await asyncio.wait_for(
-                        self._event.wait(), timeout=min(self.settings.quiet, remaining)
-                    )
+                    async with asyncio.timeout(min(self.settings.quiet, remaining)):
+                        await self._event.wait()
                 except TimeoutError:
                     break
             self._first = None

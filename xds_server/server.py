@@ -16,6 +16,7 @@ from ``wire.py``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -39,6 +40,18 @@ log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
+#: grpc.aio server options for an ADS server. grpc-core cancels new calls once more than
+#: ``max_pending_requests`` wait for the application to accept them (default 1000), which
+#: a busy event loop hits when thousands of proxies (re)connect at once; a control plane
+#: must accept them all. Keepalive pings find dead peers whose streams would linger.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
 _WAKE = object()
 _EOF = object()
 
@@ -48,21 +61,85 @@ class ServerSettings:
     #: Streams that may build and write a push at the same time. grpc.aio writes are cheap
     #: (FIELD-NOTES: 1000 streams fan out in ~60 ms); the cap bounds memory for queued
     #: response bytes and keeps the event loop responsive to ACKs during a large push.
+    #: Istio's PILOT_PUSH_THROTTLE is 100 per core.
     max_concurrent_pushes: int = 512
     #: Largest request accepted, in bytes. Real requests are a few KB.
     max_request_bytes: int = 4 * 1024 * 1024
 
 
-class StreamAuthorizer:
-    """Decides whether a stream may be served as the proxy it claims to be.
+@dataclass(frozen=True)
+class Refusal:
+    """Why a stream is not served, and the gRPC status it is closed with."""
 
-    The plaintext default accepts everyone; the TLS port installs one that checks the
-    authenticated identity against the node ID.
+    message: str
+    code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
+
+
+class StreamAuthorizer:
+    """Decides whether a stream may be served as the proxy it claims to be, and as what.
+
+    This default accepts every stream as it claims. ``xds_server.security.MeshAuthorizer``
+    authenticates streams on the TLS port against the node ID, and keeps secrets from
+    plaintext peers outside an allowlist.
     """
 
-    def check(self, proxy: Proxy, context: grpc.aio.ServicerContext) -> str | None:
-        """Return None to accept, or the reason to refuse."""
-        return None
+    async def admit(self, proxy: Proxy, context: grpc.aio.ServicerContext) -> Proxy | Refusal:
+        """The proxy to serve (possibly narrowed, e.g. to receive no secrets), or why not."""
+        return proxy
+
+
+class PushQueue:
+    """At most one pending push per connection, and at most ``limit`` in progress.
+
+    As Istio's ``pushqueue.go``: a connection already waiting is not queued twice (it
+    takes the newest snapshot when its turn comes), one being pushed is queued again
+    when it finishes. A finishing push hands its slot to the next connection directly,
+    so a push to ten thousand streams wakes each stream once and creates no waiters.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._order: collections.deque[Connection] = collections.deque()
+        self._pending: set[int] = set()
+        self._active: set[int] = set()
+        self._again: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def enqueue(self, conn: Connection) -> None:
+        if conn.id in self._active:
+            self._again.add(conn.id)
+        else:
+            self._add(conn)
+        self._dispatch()
+
+    def done(self, conn: Connection) -> None:
+        self._active.discard(conn.id)
+        if conn.id in self._again:
+            self._again.discard(conn.id)
+            self._add(conn)
+        self._dispatch()
+
+    def forget(self, conn: Connection) -> None:
+        self._pending.discard(conn.id)  # its entry in the order is skipped when reached
+        self._again.discard(conn.id)
+        if conn.id in self._active:
+            self.done(conn)
+
+    def _add(self, conn: Connection) -> None:
+        if conn.id not in self._pending:
+            self._pending.add(conn.id)
+            self._order.append(conn)
+
+    def _dispatch(self) -> None:
+        while self._order and len(self._active) < self.limit:
+            conn = self._order.popleft()
+            if conn.id not in self._pending:
+                continue
+            self._pending.discard(conn.id)
+            self._active.add(conn.id)
+            conn.wake()
 
 
 @dataclass(eq=False)
@@ -116,7 +193,7 @@ class XdsServer:
         self.authorizer = authorizer or StreamAuthorizer()
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
-        self._push_slots = asyncio.Semaphore(self.settings.max_concurrent_pushes)
+        self.pushes = PushQueue(self.settings.max_concurrent_pushes)
         #: Called when the set of connected sidecars changes (endpoints address them).
         self.on_sidecars_changed: Callable[[], None] = lambda: None
         #: Called on every ACK with (connection, type_url, seconds from change to ACK).
@@ -148,7 +225,7 @@ class XdsServer:
         """Wake every stream to pick up the cache's current generation."""
         self.metrics.generation.set(self.cache.generation)
         for conn in self.connections.values():
-            conn.wake()
+            self.pushes.enqueue(conn)
         return len(self.connections)
 
     def sidecars(self) -> dict[tuple[str, str], Proxy]:
@@ -206,9 +283,11 @@ class XdsServer:
                     continue
                 if wake:
                     conn.wake_queued = False
-                    async with self._push_slots:
+                    try:
                         self._refresh(conn)
                         await self._write(context, conn)
+                    finally:
+                        self.pushes.done(conn)
                 else:
                     await self._write(context, conn)
         finally:
@@ -265,11 +344,15 @@ class XdsServer:
             )
         except NodeIdError as exc:
             await self._refuse(context, None, "bad_node", str(exc))
-        reason = self.authorizer.check(proxy, context)
-        if reason is not None:
-            await self._refuse(
-                context, None, "unauthenticated", reason, grpc.StatusCode.PERMISSION_DENIED
+        admitted = await self.authorizer.admit(proxy, context)
+        if isinstance(admitted, Refusal):
+            reason = (
+                "unauthenticated"
+                if admitted.code is grpc.StatusCode.UNAUTHENTICATED
+                else "unauthorized"
             )
+            await self._refuse(context, None, reason, admitted.message, admitted.code)
+        proxy = admitted
         conn = Connection(
             id=next(self._ids),
             proxy=proxy,
@@ -295,6 +378,7 @@ class XdsServer:
 
     def _close(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
+        self.pushes.forget(conn)
         self.metrics.connected.labels("delta" if conn.delta else "sotw").dec()
         log.info("stream %d closed: %s", conn.id, conn.proxy.node_id)
         if conn.proxy.kind is ProxyKind.SIDECAR and not conn.proxy.proxyless:
@@ -303,6 +387,8 @@ class XdsServer:
     def _refresh(self, conn: Connection) -> None:
         """Give the stream the current generation's snapshot; keep the old one on failure."""
         current = conn.state.snapshot
+        if not self.cache.ready:
+            return  # no world yet: an empty snapshot would wipe a reconnecting proxy's config
         if current is not None and current.generation == self.cache.generation:
             return
         try:
@@ -318,37 +404,37 @@ class XdsServer:
             result = conn.state.on_request(req)
         except ProtocolError as exc:
             await self._refuse(context, conn, "protocol", str(exc))
-        short = types.short(result.type_url)
+        m = self.metrics.of(result.type_url)
         if result.outcome is Outcome.ACK:
-            self.metrics.acks.labels(short).inc()
+            m.acks.inc()
             if result.convergence is not None:
-                self.metrics.convergence.labels(short).observe(result.convergence)
+                m.convergence.observe(result.convergence)
             self.on_ack(conn, result.type_url, result.convergence)
         elif result.outcome is Outcome.NACK:
-            self.metrics.nacks.labels(short).inc()
+            m.nacks.inc()
             log.warning(
                 "stream %d (%s) NACKed %s nonce %s: %s",
                 conn.id,
                 conn.proxy.node_id,
-                short,
+                types.short(result.type_url),
                 result.nonce,
                 result.error,
             )
         elif result.outcome is Outcome.STALE:
-            self.metrics.stale.labels(short).inc()
+            m.stale.inc()
 
     async def _write(self, context: grpc.aio.ServicerContext, conn: Connection) -> None:
         for out in conn.state.responses():
             await context.write(out.payload)
-            short = types.short(out.type_url)
-            self.metrics.pushes.labels(short).inc()
-            self.metrics.push_bytes.labels(short).inc(len(out.payload))
-            self.metrics.resources_sent.labels(short).inc(out.resources)
+            m = self.metrics.of(out.type_url)
+            m.pushes.inc()
+            m.push_bytes.inc(len(out.payload))
+            m.resources_sent.inc(out.resources)
             log.debug(
                 "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
                 conn.id,
                 conn.proxy.node_id,
-                short,
+                types.short(out.type_url),
                 out.version,
                 out.nonce,
                 out.resources,

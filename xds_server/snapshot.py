@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -25,6 +25,8 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import json_format
 
 from xds_server import types, wire
+
+T = TypeVar("T")
 
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
@@ -179,8 +181,20 @@ class Snapshot:
         default_factory=dict, compare=False, repr=False
     )
 
+    _memo: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, {})
+
+    def memo(self, key: tuple[str, ...], compute: Callable[[], T]) -> T:
+        """A decision shared by every stream of this snapshot, computed once per key.
+
+        The key must name everything the decision depends on besides the snapshot.
+        """
+        if key in self._memo:
+            return cast(T, self._memo[key])
+        value = self._memo[key] = compute()
+        return value
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
         """The resources of ``type_url`` named in ``names`` (None: all of them).
@@ -237,8 +251,15 @@ def build_snapshot(
 _CLASS_OF_TYPE: dict[str, Any] = {t: c for c, t in _TYPE_OF_CLASS.items()}
 
 
+REDACTED = "[redacted]"
+
+
 def decode(res: Resource) -> dict[str, Any]:
-    """The resource as JSON-ready data, for debug pages."""
+    """The resource as JSON-ready data, for debug pages. Private keys are redacted."""
     message = _CLASS_OF_TYPE[res.type_url].FromString(res.body)
+    if res.type_url == types.SECRET and message.HasField("tls_certificate"):
+        message.tls_certificate.ClearField("private_key")
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if res.type_url == types.SECRET and "tls_certificate" in data:
+        data["tls_certificate"]["private_key"] = REDACTED
     return data

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,8 @@ class TypeState:
     force_names: set[str] = field(default_factory=set)
     #: SotW reconnect: the version the client says it holds, until compared once.
     client_version: str = ""
+    #: Delta reconnect: name -> version the client says it holds, until compared once.
+    client_versions: dict[str, str] = field(default_factory=dict)
     #: Delta: resources in the latest response (for the NACK's record of rejected versions).
     inflight: dict[str, str] = field(default_factory=dict)
     #: Monotonic time of the change the latest response carries.
@@ -143,15 +145,39 @@ class StreamState:
         self.snapshot: Snapshot | None = None
         self.change_ts: float | None = None
         self._nonce = 0
+        #: Something may be due: a new snapshot, a subscription change, a re-request, or
+        #: an ACK while something is held back. Most ACKs change nothing to send, and
+        #: skipping their evaluation halves a large push's cost.
+        self._dirty = True
+        #: The last evaluation held something back (a deferred removal, a cold route).
+        self._holding = False
+        self._names_changed = False
 
     # -- inputs -----------------------------------------------------------------
 
     def set_snapshot(self, snapshot: Snapshot, change_ts: float | None = None) -> None:
         self.snapshot = snapshot
         self.change_ts = change_ts
+        self._dirty = True
 
     def on_request(self, req: Any) -> RequestResult:
         """Apply one DiscoveryRequest or DeltaDiscoveryRequest. Raise ProtocolError if bad."""
+        self._names_changed = False
+        result = self._on_request(req)
+        if self._may_be_due(result, req):
+            self._dirty = True
+        return result
+
+    def _may_be_due(self, result: RequestResult, req: Any) -> bool:
+        """Whether this request can make anything due. A plain ACK cannot, unless the last
+        evaluation held something back waiting for exactly such an ACK."""
+        if result.outcome in (Outcome.SUBSCRIBE, Outcome.REREQUEST) or self._holding:
+            return True
+        if self.delta:
+            return bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
+        return self._names_changed
+
+    def _on_request(self, req: Any) -> RequestResult:
         type_url: str = req.type_url
         if type_url not in SERVED_TYPES:
             raise ProtocolError(
@@ -166,7 +192,9 @@ class StreamState:
         else:
             names_in = req.resource_names
         self._check_names(type_url, names_in)
-        st = self.types.setdefault(type_url, TypeState(type_url))
+        st = self.types.get(type_url)
+        if st is None:
+            st = self.types[type_url] = TypeState(type_url)
         nonce: str = req.response_nonce
         stale = bool(nonce) and nonce != st.nonce
         if self.delta:
@@ -211,6 +239,7 @@ class StreamState:
             wildcard = True
         else:
             wildcard = not names and st.type_url in types.WILDCARD_TYPES and (first or st.wildcard)
+        self._names_changed = names != st.names or wildcard != st.wildcard
         if names != st.names:
             st.names = frozenset(names)
         st.wildcard = wildcard
@@ -240,18 +269,20 @@ class StreamState:
             st.acked.pop(name, None)
         if first:
             st.subscribed = True
-            initial: Mapping[str, str] = req.initial_resource_versions
-            self._adopt_client_versions(st, initial)
-            if not initial:
+            st.client_versions = dict(req.initial_resource_versions)
+            if not st.client_versions:
                 st.force = True
 
-    def _adopt_client_versions(self, st: TypeState, initial: Mapping[str, str]) -> None:
-        """A reconnecting Delta client lists what it holds; record the ones we recognise."""
+    def _adopt_client_versions(self, st: TypeState) -> None:
+        """A reconnecting Delta client lists what it holds; record the ones we recognise
+        (once a snapshot exists to recognise them by), as sent and acknowledged."""
         have = self.snapshot.of_type(st.type_url) if self.snapshot else {}
-        for name, version in initial.items():
+        for name, version in st.client_versions.items():
             res = have.get(name)
             if res is not None and res.version == version:
                 st.sent[name] = st.acked[name] = res
+        st.client_versions = {}
+        st.sent_version = st.acked_version = version_of(st.sent)
 
     def _ack(self, st: TypeState, nonce: str) -> RequestResult:
         # SotW replaces ``sent`` whole, so it can be shared; Delta edits it in place.
@@ -284,28 +315,47 @@ class StreamState:
             return View({}, version_of({}))
         return self.snapshot.view(st.type_url, None if st.wildcard else st.names)
 
-    def _converged(self, st: TypeState) -> bool:
-        plain = self._plain(st)
+    def _converged(self, st: TypeState, plain: View) -> bool:
+        """Whether the proxy has acknowledged exactly what the snapshot has for it."""
         if not self.delta:
             return st.acked_version == plain.version
         if plain.resources.keys() != st.acked.keys():
             return False
         return all(st.acked[n].version == r.version for n, r in plain.resources.items())
 
-    def _desired(self, index: int, st: TypeState) -> tuple[dict[str, Resource], View]:
+    def _desired(
+        self, index: int, st: TypeState, view: View, unconverged: set[str]
+    ) -> tuple[dict[str, Resource], View]:
         """What to hold for this type now, as a view (shared when nothing is held back)."""
-        view = self._plain(st)
         desired: dict[str, Resource] = view.resources
-        later = (self.types.get(t) for t in types.PUSH_ORDER[index + 1 :])
-        if any(s is not None and s.subscribed and not self._converged(s) for s in later):
+        if unconverged and not unconverged.isdisjoint(types.PUSH_ORDER[index + 1 :]):
             kept = {n: r for n, r in st.acked.items() if n not in desired and st.wants(n)}
             if kept:
                 desired = {**desired, **kept}
         if st.type_url == types.ROUTE:
-            desired = self._hold_routes_until_clusters_warm(st, desired)
+            if desired is view.resources and not self.delta and self.snapshot is not None:
+                desired = self._held_routes_cached(st, view)
+            else:
+                desired = self._hold_routes_until_clusters_warm(st, desired)
         if desired is view.resources:
             return desired, view
         return desired, View(desired, version_of(desired))
+
+    def _held_routes_cached(self, st: TypeState, view: View) -> dict[str, Resource]:
+        """The route hold for SotW streams, shared through the snapshot: alike streams in
+        the same acknowledged state decide once."""
+        assert self.snapshot is not None
+        cds = self.types.get(types.CLUSTER)
+        eds = self.types.get(types.ENDPOINT)
+        key = (
+            view.version,
+            st.acked_version,
+            cds.acked_version if cds is not None and cds.wildcard else "",
+            eds.acked_version if eds is not None else "",
+        )
+        return self.snapshot.memo(
+            ("held-routes", *key), lambda: self._hold_routes_until_clusters_warm(st, view.resources)
+        )
 
     def _hold_routes_until_clusters_warm(
         self, st: TypeState, desired: dict[str, Resource]
@@ -347,14 +397,25 @@ class StreamState:
 
     def responses(self) -> list[Outgoing]:
         """Everything to send now, in push order, with the state recorded as sent."""
-        if self.snapshot is None:
+        if self.snapshot is None or not self._dirty:
             return []
+        self._dirty = False
+        self._holding = False
+        subscribed = [
+            (index, st)
+            for index, type_url in enumerate(types.PUSH_ORDER)
+            if (st := self.types.get(type_url)) is not None and st.subscribed
+        ]
+        plain = {st.type_url: self._plain(st) for _, st in subscribed}
+        unconverged = {
+            st.type_url for _, st in subscribed if not self._converged(st, plain[st.type_url])
+        }
         out: list[Outgoing] = []
-        for index, type_url in enumerate(types.PUSH_ORDER):
-            st = self.types.get(type_url)
-            if st is None or not st.subscribed:
-                continue
-            desired, view = self._desired(index, st)
+        for index, st in subscribed:
+            type_url = st.type_url
+            desired, view = self._desired(index, st, plain[type_url], unconverged)
+            if desired is not plain[type_url].resources:
+                self._holding = True
             before = st.sent if not self.delta else dict(st.sent)
             msg = self._delta_response(st, desired) if self.delta else self._sotw_response(st, view)
             if msg is not None:
@@ -409,6 +470,8 @@ class StreamState:
         return Outgoing(st.type_url, nonce, version, payload, len(desired))
 
     def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
+        if st.client_versions:
+            self._adopt_client_versions(st)
         changed = [
             r
             for n, r in sorted(desired.items())

@@ -63,6 +63,7 @@ async def test_nack_is_reported_and_last_good_config_keeps_serving(delta: bool) 
                 return lds if lds["status"] == "NACKED" else None
 
             lds = await eventually(lds_nacked, what="LDS NACK in /debug/syncz")
+            assert lds is not None
             assert "not-an-ip" in lds["last_nack"] or "malformed" in lds["last_nack"].lower()
             assert lds["version_acked"] == lds["version_sent"]  # rolled back to the last good
             assert 'inferlane_xds_nacks_total{type="LDS"} 1.0' in await _metrics(admin_port)

@@ -348,3 +348,37 @@ def test_any_request_sequence_keeps_the_invariants(
                 carried = {("", out.version)}
             assert not carried & rejected.get(out.type_url, set()), "re-sent a rejected version"
             sent[out.type_url] = carried
+
+
+def test_delta_reconnect_adopts_versions_once_a_snapshot_exists(
+    interner: ResourceInterner,
+) -> None:
+    """A restarted control plane may hear from a proxy before its first world is loaded."""
+    snap = clusters_snapshot(interner, {"a": 1, "b": 1})
+    held = {n: r.version for n, r in snap.of_type(C).items()}
+    s = StreamState(delta=True)
+    s.on_request(delta(C, initial=held))
+    assert s.responses() == []  # no snapshot yet: nothing is sent, nothing is forgotten
+    s.set_snapshot(snap)
+    assert s.responses() == []  # the proxy holds exactly this
+    t = s.types[C]
+    assert t.status() is SyncStatus.SYNCED and t.acked_version == t.sent_version != ""
+
+
+def test_plain_ack_does_not_reevaluate_but_a_held_removal_does(
+    interner: ResourceInterner,
+) -> None:
+    s = sotw_stream(interner, {"a": 1, "b": 1})
+    s.on_request(sotw(C))
+    [c1] = s.responses()
+    s.on_request(sotw(C, nonce=c1.nonce))
+    assert not s._dirty  # an ACK with nothing held back makes nothing due
+    s.on_request(sotw(E, ["a", "b"]))
+    [e1] = s.responses()
+    s.on_request(sotw(E, ["a", "b"], nonce=e1.nonce))
+    s.set_snapshot(clusters_snapshot(interner, {"a": 1}, generation=2))
+    [e2] = s.responses()  # CDS keeps "b" until EDS is acknowledged: held
+    s.on_request(sotw(E, ["a", "b"], nonce=e2.nonce))
+    assert s._dirty
+    [c2] = s.responses()
+    assert c2.type_url == C

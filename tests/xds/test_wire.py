@@ -64,7 +64,22 @@ def test_identical_resources_are_interned_and_versioned_by_content() -> None:
 
 
 def test_varint_matches_protobuf() -> None:
-    from google.protobuf.internal import encoder
+    from google.protobuf import wrappers_pb2
 
     for value in (0, 1, 127, 128, 300, 2**21, 2**35 + 7):
-        assert wire.varint(value) == encoder._VarintBytes(value)
+        # UInt64Value is field 1, varint: its encoding is the tag byte 0x08 and the varint.
+        encoded = wrappers_pb2.UInt64Value(value=value).SerializeToString()
+        assert b"\x08" + wire.varint(value) == encoded or value == 0
+
+
+def test_debug_decoding_never_shows_a_private_key() -> None:
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from xds_server.snapshot import REDACTED, decode
+
+    secret = secret_pb2.Secret(name="default")
+    secret.tls_certificate.certificate_chain.inline_bytes = b"CERT"
+    secret.tls_certificate.private_key.inline_bytes = b"-----BEGIN PRIVATE KEY-----"
+    data = decode(ResourceInterner().make(secret))
+    assert data["tls_certificate"]["private_key"] == REDACTED
+    assert "PRIVATE" not in str(data) and data["tls_certificate"]["certificate_chain"]

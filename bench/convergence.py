@@ -1,0 +1,314 @@
+"""Convergence: the time from a config change until every proxy has ACKed it.
+
+``python -m bench.convergence`` runs the control plane in this process and, side by side
+in one run:
+
+* 10 and 50 real Envoys (``--concurrency 1``, ``--use-dynamic-base-id``), SotW ADS;
+* 1,000 and 10,000 synthetic SotW streams from a separate process (``bench.synthetic``),
+  opened staggered.
+
+Each scenario connects its proxies, waits until all are in sync, then makes a change of
+the world (an inference Service's per-class timeout, which changes every proxy's routes)
+several times. For each change it records, per proxy, the seconds from the change until
+that proxy's ACK of it, as measured by the server (the ``inferlane_xds_convergence_seconds``
+path). It reports p50 and p99 over all (proxy, change) samples, the slowest "all ACKed"
+time, and the control plane's resident memory per connected stream.
+
+The machine has 2 cores, and the proxies or synthetic clients share them with the
+control plane: these are upper bounds on what a dedicated control plane would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import grpc
+
+from bench.envoy import Envoy
+from bench.wait import eventually
+from mesh.manifests import load_world
+from mesh.model import Priority, World
+from mesh.proxy import proxy_from_node
+from xds_server import types
+from xds_server.bootstrap import BootstrapOptions
+from xds_server.cache import ConfigCache
+from xds_server.generator import MeshGenerator
+from xds_server.server import SERVER_OPTIONS, Connection, XdsServer
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def changed_world(world: World, step: int) -> World:
+    """The world with the first Service's critical timeout moved: every proxy's routes change."""
+    first, *rest = world.services
+    timeouts = dict(first.config.timeouts) | {Priority.CRITICAL: 30.0 + step}
+    config = dataclasses.replace(first.config, timeouts=MappingProxyType(timeouts))
+    return dataclasses.replace(world, services=(dataclasses.replace(first, config=config), *rest))
+
+
+@dataclass
+class Result:
+    scenario: str
+    proxies: int
+    changes: int
+    p50_ms: float
+    p99_ms: float
+    slowest_all_acked_ms: float
+    connect_s: float
+    rss_per_stream_kb: float
+
+    def row(self) -> str:
+        return (
+            f"{self.scenario:<22} {self.proxies:>7} {self.changes:>7} {self.p50_ms:>9.1f} "
+            f"{self.p99_ms:>9.1f} {self.slowest_all_acked_ms:>11.1f} {self.connect_s:>9.1f} "
+            f"{self.rss_per_stream_kb:>12.1f}"
+        )
+
+
+HEADER = (
+    f"{'scenario':<22} {'proxies':>7} {'changes':>7} {'p50 ms':>9} {'p99 ms':>9} "
+    f"{'all ACKed ms':>11} {'connect s':>9} {'RSS KB/stream':>12}"
+)
+
+
+@contextlib.asynccontextmanager
+async def control_plane(world: World) -> AsyncIterator[tuple[ConfigCache, XdsServer, int]]:
+    cache = ConfigCache()
+    xds = XdsServer(cache)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    xds.add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    cache.update(MeshGenerator(world, {}))
+    try:
+        yield cache, xds, port
+    finally:
+        await server.stop(None)
+
+
+def _all_synced(xds: XdsServer, n: int) -> bool:
+    if len(xds.connections) < n:
+        return False
+    return all(
+        len(c.state.types) == 4
+        and all(t.acked_version and not t.pending for t in c.state.types.values())
+        for c in xds.connections.values()
+    )
+
+
+async def _measure_changes(
+    cache: ConfigCache, xds: XdsServer, world: World, n: int, changes: int
+) -> tuple[list[float], list[float]]:
+    samples: list[float] = []
+    slowest: list[float] = []
+    acked: set[int] = set()
+    done = asyncio.Event()
+
+    def on_ack(conn: Connection, type_url: str, seconds: float | None) -> None:
+        if type_url == types.ROUTE and seconds is not None and conn.id not in acked:
+            acked.add(conn.id)
+            samples.append(seconds)
+            if len(acked) >= n:
+                done.set()
+
+    xds.on_ack = on_ack
+    for step in range(changes):
+        acked.clear()
+        done.clear()
+        before = len(samples)
+        started = time.monotonic()
+        cache.update(MeshGenerator(changed_world(world, step + 1), {}), started)
+        xds.push_all()
+        await asyncio.wait_for(done.wait(), timeout=120)
+        slowest.append(max(samples[before:]))
+        await asyncio.sleep(0.2)  # let straggling ACKs of other types settle between changes
+    return samples, slowest
+
+
+async def envoy_scenario(world: World, n: int, changes: int) -> Result:
+    async with control_plane(world) as (cache, xds, port):
+        gc.collect()
+        base_rss = rss_bytes()
+        envoys: list[Envoy] = []
+        started = time.monotonic()
+        try:
+            for i in range(n):
+                node = f"sidecar~127.0.1.{i + 1}~client-{i}.bench~bench.svc.cluster.local"
+                # Every Envoy binds the default listener ports: Envoy sets SO_REUSEPORT on
+                # listeners, so like sidecars in separate pods they share one config.
+                meta = {"NAMESPACE": "bench", "SERVICE_ACCOUNT": "client"}
+                proxy_from_node(node, meta)  # fail fast on a bad node ID
+                opts = BootstrapOptions(node_id=node, xds_port=port, admin_port=0, metadata=meta)
+                envoys.append(await Envoy(opts, log_level="error").start())
+
+            async def synced() -> bool:
+                return _all_synced(xds, n)
+
+            await eventually(synced, timeout=120, what=f"{n} Envoys in sync")
+            connect_s = time.monotonic() - started
+            gc.collect()
+            per_stream = (rss_bytes() - base_rss) / n / 1024
+            samples, slowest = await _measure_changes(cache, xds, world, n, changes)
+        finally:
+            await asyncio.gather(*(e.stop() for e in envoys))
+    return _result(
+        "real Envoy (SotW)",
+        n=n,
+        changes=changes,
+        samples=samples,
+        slowest=slowest,
+        connect_s=connect_s,
+        per_stream_kb=per_stream,
+    )
+
+
+async def synthetic_scenario(world: World, n: int, changes: int, rate: float) -> Result:
+    async with control_plane(world) as (cache, xds, port):
+        node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
+        snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
+        names = {
+            types.ENDPOINT: sorted(snap.of_type(types.ENDPOINT)),
+            types.ROUTE: sorted(snap.of_type(types.ROUTE)),
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(names, f)
+        gc.collect()
+        base_rss = rss_bytes()
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.synthetic",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--streams",
+            str(n),
+            "--rate",
+            str(rate),
+            "--names",
+            f.name,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
+            if not line:
+                raise RuntimeError("synthetic clients exited before connecting")
+            retried = json.loads(line).get("retried", 0)
+            if retried:
+                print(f"  ({retried} synthetic streams reconnected while opening)", flush=True)
+
+            async def synced() -> bool:
+                return _all_synced(xds, n)
+
+            await eventually(synced, timeout=120, what=f"{n} synthetic streams in sync")
+            connect_s = time.monotonic() - started
+            gc.collect()
+            per_stream = (rss_bytes() - base_rss) / n / 1024
+            samples, slowest = await _measure_changes(cache, xds, world, n, changes)
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+            Path(f.name).unlink(missing_ok=True)  # noqa: ASYNC240 - one small file
+    return _result(
+        "synthetic (SotW)",
+        n=n,
+        changes=changes,
+        samples=samples,
+        slowest=slowest,
+        connect_s=connect_s,
+        per_stream_kb=per_stream,
+    )
+
+
+def _result(
+    scenario: str,
+    *,
+    n: int,
+    changes: int,
+    samples: list[float],
+    slowest: list[float],
+    connect_s: float,
+    per_stream_kb: float,
+) -> Result:
+    return Result(
+        scenario=scenario,
+        proxies=n,
+        changes=changes,
+        p50_ms=statistics.median(samples) * 1000,
+        p99_ms=percentile(samples, 99) * 1000,
+        slowest_all_acked_ms=max(slowest) * 1000,
+        connect_s=connect_s,
+        rss_per_stream_kb=per_stream_kb,
+    )
+
+
+async def run(envoys: list[int], streams: list[int], changes: int, rate: float) -> list[Result]:
+    world = load_world(EXAMPLE)
+    if not world.services:
+        raise SystemExit(f"no inference Services in {EXAMPLE}")
+    results: list[Result] = []
+    print(HEADER, flush=True)
+    for n in envoys:
+        results.append(await envoy_scenario(world, n, changes))
+        print(results[-1].row(), flush=True)
+    for n in streams:
+        results.append(await synthetic_scenario(world, n, changes, rate))
+        print(results[-1].row(), flush=True)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--envoys", default="10,50", help="comma-separated counts of real Envoys")
+    p.add_argument("--streams", default="1000,10000", help="counts of synthetic streams")
+    p.add_argument("--changes", type=int, default=5, help="changes measured per scenario")
+    p.add_argument("--rate", type=float, default=1000, help="synthetic streams opened per second")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args()
+
+    def counts(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    results = asyncio.run(run(counts(a.envoys), counts(a.streams), a.changes, a.rate))
+    if a.json:
+        a.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
