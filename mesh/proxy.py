@@ -50,6 +50,12 @@ class Proxy:
     #: A gRPC proxyless client (grpcio's xDS resolver) rather than an Envoy. It subscribes
     #: by name and needs api_listeners; Envoy would reject those over LDS.
     proxyless: bool = False
+    #: ``namespace/serviceaccount`` the xDS stream authenticated as (on the TLS port), or
+    #: ``""`` when it did not authenticate. Workload secrets then go to that identity only.
+    authenticated_identity: str = ""
+    #: Whether the stream may be sent workload secrets (SDS) at all: the plaintext xDS port
+    #: clears it for peers outside its allowlist.
+    secrets_allowed: bool = True
 
     @property
     def is_gateway(self) -> bool:

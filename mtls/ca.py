@@ -192,9 +192,17 @@ class IssuedCert:
 
 
 def renew_at(cert: IssuedCert, rng: random.Random, jitter: float = RENEW_JITTER) -> datetime:
-    """When to replace ``cert``: half its life, plus or minus ``jitter`` of its lifetime."""
+    """When to replace ``cert``: half its life, plus or minus ``jitter`` of its lifetime.
+
+    Its life counts from when it was issued, not from ``not_before``, which is backdated
+    by ``CLOCK_SKEW``: otherwise a lifetime of a couple of minutes or less would be due
+    for renewal the moment it is issued.
+    """
+    issued = cert.not_before + CLOCK_SKEW
+    if issued >= cert.not_after:
+        issued = cert.not_before
     share = 0.5 + rng.uniform(-jitter, jitter)
-    return cert.not_before + cert.lifetime * share
+    return issued + (cert.not_after - issued) * share
 
 
 # --------------------------------------------------------------------------- parsing helpers

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from mesh.model import PRIORITIES, InferenceService, World
 from mesh.proxy import Proxy
-from routing import clusters, endpoints, listeners, names, proxyless, routes
+from routing import clusters, endpoints, listeners, names, proxyless, routes, security
 from routing.catalog import served_ports, served_services
 from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
@@ -93,12 +93,17 @@ def _outbound_vhosts(services: Sequence[InferenceService], proxy: Proxy) -> list
 
 
 def generate(
-    world: World, proxy: Proxy, sidecars: Mapping[tuple[str, str], Proxy]
+    world: World,
+    proxy: Proxy,
+    sidecars: Mapping[tuple[str, str], Proxy],
+    *,
+    tls: security.SecurityOptions | None = None,
 ) -> dict[str, list[Message]]:
     """Every listener, route configuration, cluster and load assignment ``proxy`` gets.
 
     ``sidecars`` maps ``(namespace, pod)`` to the connected sidecar of that pod: endpoints
-    of such pods are addressed at the sidecar's inbound listener.
+    of such pods are addressed at the sidecar's inbound listener. Mesh mTLS is added last
+    (:mod:`routing.security`), with ``tls`` giving the trust domain and connection lifetime.
     """
     services = served_services(world)
     cluster_list, assignments = _outbound_clusters(services, sidecars, proxyless=proxy.proxyless)
@@ -121,9 +126,10 @@ def generate(
             routes.route_configuration(names.OUTBOUND_ROUTE, _outbound_vhosts(services, proxy)),
             routes.route_configuration(names.INBOUND_ROUTE, inbound_vhosts),
         ]
-    return {
+    generated: dict[str, list[Message]] = {
         LISTENER_TYPE: sorted(listener_list, key=resource_name),
         ROUTE_TYPE: sorted(route_list, key=resource_name),
         CLUSTER_TYPE: sorted(cluster_list, key=resource_name),
         ENDPOINT_TYPE: sorted(assignments, key=resource_name),
     }
+    return security.secure(generated, world, proxy, sidecars, tls)

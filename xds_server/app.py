@@ -5,6 +5,10 @@ or leaving, since endpoints address connected sidecars) triggers the debouncer; 
 installs a new :class:`~xds_server.generator.MeshGenerator` in the cache and wakes every
 stream, which pulls its snapshot when its push runs.
 
+Mesh security (``xds_server/security.py``) is set up first: the CA, the workload secrets
+(whose renewals trigger the debouncer like any other change), the TLS xDS port in front of
+the gRPC server, and the authorizer every stream passes.
+
 All long-running parts run as named tasks of one ``asyncio.TaskGroup``: the first failure
 cancels the rest and is re-raised, and shutdown stops the gRPC server with a grace period
 so open streams end cleanly.
@@ -25,14 +29,27 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
 from mesh.model import World
 from mesh.sources import WorldSource
+from routing.security import SecurityOptions, workload_identity
 from xds_server.admin import Admin, serving_admin
 from xds_server.cache import ConfigCache
 from xds_server.debounce import Debouncer, DebounceSettings
 from xds_server.generator import MeshGenerator
-from xds_server.server import ServerSettings, XdsServer
+from xds_server.security import (
+    Identity,
+    KubernetesTokenReviewer,
+    MeshAuthorizer,
+    SecretStore,
+    SecuritySettings,
+    TlsFront,
+    TokenReviewer,
+    load_ca,
+    server_ssl_context,
+)
+from xds_server.server import SERVER_OPTIONS, ServerSettings, XdsServer
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +61,16 @@ class ServeSettings:
     host: str = "0.0.0.0"
     #: Istio's ports where one exists (SPEC.md); 0 means any free port.
     xds_port: int = 15010
+    #: The TLS xDS port (``inferlane serve`` uses 15012); None serves no TLS port, so that
+    #: several control planes embedded in one test run do not contend for 15012.
+    xds_tls_port: int | None = None
     admin_port: int = 15014
     ports_file: Path | None = None
     debounce: DebounceSettings = field(default_factory=DebounceSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     #: Seconds open streams get to finish on shutdown.
     shutdown_grace: float = 2.0
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 def plain(value: Any) -> Any:
@@ -91,69 +112,180 @@ def describe_world(world: World | None) -> dict[str, Any]:
 
 
 class ControlPlane:
-    """The running control plane: source -> world -> cache -> streams."""
+    """The running control plane: source -> world -> cache -> streams.
 
-    def __init__(self, settings: ServeSettings, source: WorldSource) -> None:
+    ``tokens`` checks service-account tokens on the TLS port; by default a TokenReview
+    against the cluster when running with ``kubernetes``, and none otherwise.
+    """
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        source: WorldSource,
+        *,
+        tokens: TokenReviewer | None = None,
+    ) -> None:
         self.settings = settings
         self.source = source
+        self.tokens = tokens
         self.cache = ConfigCache()
         self.xds = XdsServer(self.cache, settings=settings.server)
         self.world: World | None = None
         self.debouncer = Debouncer(settings.debounce, self._flush)
         self.xds.on_sidecars_changed = self.debouncer.trigger
         self.admin = Admin(self.xds, services=lambda: describe_world(self.world), ready=self._ready)
+        self.admin.add_page(
+            "/debug/certs",
+            "the mesh CA's root and each served identity's certificate (no keys)",
+            self._certs_page,
+        )
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
+        #: Set up in run(): the workload secrets and the TLS port's front.
+        self.secrets: SecretStore | None = None
+        self.tls_front: TlsFront | None = None
+        self.tls_options = SecurityOptions(
+            trust_domain=settings.security.trust_domain,
+            connection_lifetime_s=settings.security.connection_lifetime_s,
+        )
+        self._generator: MeshGenerator | None = None
 
     def _ready(self) -> bool:
         return self.world is not None
 
     def publish(self, world: World) -> None:
         first = self.world is None
-        self.world = world
-        for svc in world.services:
-            for err in svc.errors:
-                log.warning("Service %s/%s: %s", svc.namespace, svc.name, err)
-        for src_err in world.source_errors:
-            log.warning("input %s: %s", src_err.source, src_err.message)
+        self.world = world  # the source logs each new annotation or input error once
         if first:
             log.info("first world loaded: %d inference services", len(world.services))
         self.debouncer.trigger()
 
+    def _identity(self, proxy: Any) -> Identity | None:
+        if self.world is None:
+            return None
+        return workload_identity(self.world, proxy, self.tls_options.trust_domain)
+
+    def _identities_in_use(self) -> set[Identity]:
+        found = (self._identity(c.proxy) for c in self.xds.connections.values())
+        return {identity for identity in found if identity is not None}
+
     async def _flush(self, first_change: float) -> None:
         if self.world is None:
             return
-        self.cache.update(MeshGenerator(self.world, self.xds.sidecars()), first_change)
+        # Endpoints are addressed through a sidecar (over mTLS) only if it can terminate
+        # mTLS: it has a workload identity and so gets a certificate.
+        sidecars = {k: p for k, p in self.xds.sidecars().items() if self._identity(p) is not None}
+        self._generator = MeshGenerator(
+            self.world, sidecars, self.secrets, tls=self.tls_options, previous=self._generator
+        )
+        self.cache.update(self._generator, first_change)
         woken = self.xds.push_all()
         log.debug("generation %d: pushing to %d streams", self.cache.generation, woken)
+
+    async def _certs_page(self, request: web.Request) -> web.Response:
+        if self.secrets is None:
+            return web.json_response({"ready": False})
+        identities = []
+        for namespace, account in self.secrets.identities():
+            bundle = self.secrets.bundle((namespace, account))
+            identities.append(
+                {
+                    "identity": f"{namespace}/{account}",
+                    "serial": f"{bundle.serial:x}",
+                    "not_after": bundle.not_after.isoformat(),
+                }
+            )
+        body = {
+            "ready": True,
+            "trust_domain": self.secrets.trust_domain,
+            "root_sha256": self.secrets.ca.root_fingerprint,
+            "issued": self.secrets.issued,
+            "renewed": self.secrets.renewed,
+            "identities": identities,
+            "tls_handshakes_refused": self.tls_front.refused if self.tls_front else 0,
+        }
+        return web.json_response(body, dumps=lambda d: json.dumps(d, indent=2, sort_keys=True))
+
+    async def _kubernetes_api(self, stack: contextlib.AsyncExitStack) -> Any | None:
+        """An API client, when something needs one: the CA Secret or token reviews."""
+        s = self.settings
+        if not s.security.ca_secret and not (s.kubernetes and self.tokens is None):
+            return None
+        from mesh.kube import new_api_client
+
+        api = await new_api_client()
+        stack.push_async_callback(api.close)
+        return api
+
+    async def _set_up_security(
+        self, stack: contextlib.AsyncExitStack, relay_port: int | None
+    ) -> None:
+        """The CA, the secret store, the TLS port's front and the stream authorizer."""
+        from kubernetes.aio.client import AuthenticationV1Api, CoreV1Api
+
+        sec = self.settings.security
+        api = await self._kubernetes_api(stack)
+        ca = await load_ca(sec, CoreV1Api(api) if api is not None else None)
+        log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
+        self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl)
+        self.secrets.on_change = self.debouncer.trigger
+        tokens = self.tokens
+        if tokens is None and api is not None and self.settings.kubernetes:
+            tokens = KubernetesTokenReviewer(AuthenticationV1Api(api), sec.token_audience)
+        if relay_port is not None:
+            names = list(dict.fromkeys([*sec.server_names, self.settings.host]))
+            names = [n for n in names if n not in ("", "0.0.0.0", "::")]
+            context = await asyncio.to_thread(server_ssl_context, ca, names)
+            self.tls_front = TlsFront(context, relay_port)
+        self.xds.authorizer = MeshAuthorizer(
+            ca=ca,
+            world=lambda: self.world,
+            front=self.tls_front,
+            trust_domain=sec.trust_domain,
+            plaintext_secrets_from=sec.plaintext_secrets_from,
+            tokens=tokens,
+        )
 
     async def run(self, on_started: Callable[[dict[str, int]], None] | None = None) -> None:
         s = self.settings
         grpc_server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.server.max_request_bytes),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.http2.max_pings_without_data", 0),
+                *SERVER_OPTIONS,
             ]
         )
         self.xds.add_to(grpc_server)
         xds_port = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
-        await grpc_server.start()
-        try:
-            async with serving_admin(self.admin, s.host, s.admin_port) as admin_port:
-                self.ports = {"xds": xds_port, "admin": admin_port}
-                log.info("serving on %s: %s", s.host, json.dumps(self.ports))
-                if s.ports_file is not None:
-                    s.ports_file.write_text(json.dumps(self.ports))
-                if on_started is not None:
-                    on_started(self.ports)
-                self.started.set()
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self.source.run(self.publish), name="world-source")
-                    tasks.create_task(self.debouncer.run(), name="debouncer")
-                    tasks.create_task(grpc_server.wait_for_termination(), name="grpc-server")
-        finally:
-            await grpc_server.stop(s.shutdown_grace)
+        # The TLS front relays to this loopback-only port (see xds_server/security.py).
+        relay_port = (
+            grpc_server.add_insecure_port("127.0.0.1:0") if s.xds_tls_port is not None else None
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            await self._set_up_security(stack, relay_port)
+            assert self.secrets is not None
+            await grpc_server.start()
+            stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
+            ports = {"xds": xds_port}
+            if self.tls_front is not None and s.xds_tls_port is not None:
+                ports["xds_tls"] = await self.tls_front.start(s.host, s.xds_tls_port)
+                stack.push_async_callback(self.tls_front.close)
+            admin_port = await stack.enter_async_context(
+                serving_admin(self.admin, s.host, s.admin_port)
+            )
+            self.ports = {**ports, "admin": admin_port}
+            log.info("serving on %s: %s", s.host, json.dumps(self.ports))
+            if s.ports_file is not None:
+                s.ports_file.write_text(json.dumps(self.ports))
+            if on_started is not None:
+                on_started(self.ports)
+            self.started.set()
+            # No task awaits grpc_server.wait_for_termination(): cancelling that await
+            # cancels the server's own shutdown future, and stop(grace) then returns at once
+            # without ending open streams (proxies would stay on a stopped control plane).
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.source.run(self.publish), name="world-source")
+                tasks.create_task(self.debouncer.run(), name="debouncer")
+                tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
 
 
 def _host(host: str) -> str:

@@ -3,6 +3,13 @@
 Follows FIELD-NOTES.md: ``ads_config`` with GRPC or DELTA_GRPC and V3,
 ``set_node_on_first_message_only``, LDS and CDS from ADS, and, above all, an xDS cluster
 with HTTP/2 enabled; without it ADS fails silently.
+
+Over TLS (the control plane's port 15012) the proxy verifies the control plane's
+certificate against the mesh root and its DNS SAN against ``server_name``, and
+authenticates itself with a client certificate from the mesh CA or a service-account
+token (audience ``inferlane``) sent as ``authorization: Bearer`` on the ADS stream. The
+token is written into the bootstrap, so a bootstrap made with one must be remade when the
+token is replaced.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ class BootstrapError(ValueError):
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """How the proxy authenticates to the xDS TLS port (files on the proxy's disk)."""
+    """How the proxy reaches the xDS TLS port: the mesh root to verify the control plane
+    with, and a client certificate and key (files on the proxy's disk) or a token."""
 
     ca_file: str
     cert_file: str = ""
     key_file: str = ""
+    #: SNI, and the DNS SAN the control plane's certificate must carry.
     server_name: str = "inferlane"
+    #: A Kubernetes service-account token for audience ``inferlane``.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class BootstrapOptions:
     tls: TlsSettings | None = None
     #: Seconds Envoy waits for a resource before going on without it (Envoy's default 15 s).
     initial_fetch_timeout: float = 15.0
+    #: Local address the xDS connection is made from ("" lets the kernel choose).
+    xds_source_address: str = ""
 
 
 def parse_metadata(items: Sequence[str]) -> dict[str, Any]:
@@ -97,9 +110,18 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             }
         },
     }
+    if opts.xds_source_address:
+        cluster["upstream_bind_config"] = {
+            "source_address": {"address": opts.xds_source_address, "port_value": 0}
+        }
     if opts.tls is not None:
         common: dict[str, Any] = {
-            "validation_context": {"trusted_ca": {"filename": opts.tls.ca_file}},
+            "validation_context": {
+                "trusted_ca": {"filename": opts.tls.ca_file},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": opts.tls.server_name}}
+                ],
+            },
         }
         if opts.tls.cert_file:
             common["tls_certificates"] = [
@@ -119,10 +141,35 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
     return cluster
 
 
+def _check_tls(tls: TlsSettings) -> None:
+    if not tls.ca_file:
+        raise BootstrapError("TLS needs the mesh root CA file")
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise BootstrapError("a client certificate needs both its certificate and key files")
+    if not tls.cert_file and not tls.token:
+        raise BootstrapError(
+            "the TLS xDS port authenticates every proxy: give a client certificate and key, "
+            "or a service-account token"
+        )
+    if any(c in tls.token for c in "\r\n"):
+        raise BootstrapError("the token must be a single line")
+
+
+def _grpc_service(opts: BootstrapOptions) -> dict[str, Any]:
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": XDS_CLUSTER}}
+    if opts.tls is not None and opts.tls.token and not opts.tls.cert_file:
+        service["initial_metadata"] = [
+            {"key": "authorization", "value": f"Bearer {opts.tls.token}"}
+        ]
+    return service
+
+
 def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     """The bootstrap as a plain dict (dump it as YAML or JSON)."""
     if opts.xds_port <= 0 or opts.xds_port > 65535:
         raise BootstrapError(f"xDS port {opts.xds_port} is not a port number")
+    if opts.tls is not None:
+        _check_tls(opts.tls)
     config_source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if opts.initial_fetch_timeout != 15.0:
         config_source["initial_fetch_timeout"] = f"{opts.initial_fetch_timeout}s"
@@ -142,7 +189,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                 "api_type": "DELTA_GRPC" if opts.delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [_grpc_service(opts)],
             },
             "lds_config": config_source,
             "cds_config": config_source,

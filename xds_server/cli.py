@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from xds_server.bootstrap import (
@@ -17,6 +18,13 @@ from xds_server.bootstrap import (
     parse_metadata,
 )
 from xds_server.debounce import DebounceSettings
+from xds_server.security import (
+    DEFAULT_PLAINTEXT_SECRETS_FROM,
+    DEFAULT_SERVER_NAMES,
+    IpNetwork,
+    SecuritySettings,
+    parse_networks,
+)
 
 
 def _port(text: str) -> int:
@@ -24,6 +32,37 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
     return value
+
+
+def _networks(text: str) -> tuple[IpNetwork, ...]:
+    parsed = parse_networks(text)
+    if isinstance(parsed, str):
+        raise argparse.ArgumentTypeError(parsed)
+    return parsed
+
+
+def _seconds(text: str) -> timedelta:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} seconds: a lifetime must be positive")
+    return timedelta(seconds=value)
+
+
+def _trust_domain(text: str) -> str:
+    from mtls.ca import BadIdentity, spiffe_id
+
+    try:
+        spiffe_id(text, "default", "default")
+    except BadIdentity as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -49,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--xds-port", type=_port, default=15010, help="plaintext xDS (0 = any)")
+    serve.add_argument(
+        "--xds-tls-port", type=_port, default=15012, help="xDS over TLS, authenticated (0 = any)"
+    )
     serve.add_argument("--admin-port", type=_port, default=15014, help="admin HTTP (0 = any)")
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
     serve.add_argument(
@@ -56,6 +98,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--debounce-max", type=float, default=1.0, help="longest seconds a push waits"
+    )
+    sec = serve.add_argument_group("mesh security")
+    sec.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default="cluster.local",
+        help="SPIFFE trust domain of workload identities (default cluster.local)",
+    )
+    ca = sec.add_mutually_exclusive_group()
+    ca.add_argument(
+        "--ca-dir", type=Path, help="keep the CA here (tls.crt, tls.key, ca.crt); made if absent"
+    )
+    ca.add_argument(
+        "--ca-secret",
+        metavar="[NAMESPACE/]NAME",
+        help="share the CA through this Kubernetes Secret (cert-manager's form); made if absent",
+    )
+    sec.add_argument(
+        "--cert-ttl",
+        type=_seconds,
+        default=timedelta(hours=24),
+        metavar="SECONDS",
+        help="workload certificate lifetime (default 86400); renewed at half of it",
+    )
+    sec.add_argument(
+        "--plaintext-secrets-from",
+        type=_networks,
+        default=_networks(",".join(DEFAULT_PLAINTEXT_SECRETS_FROM)),
+        metavar="CIDR[,CIDR...]",
+        help="peers of the plaintext xDS port that get secrets (default: this host only)",
+    )
+    sec.add_argument(
+        "--xds-tls-names",
+        type=_names,
+        default=(),
+        metavar="NAME[,NAME...]",
+        help="extra DNS names or IPs for the TLS port's certificate "
+        f"(always: {', '.join(DEFAULT_SERVER_NAMES)})",
     )
 
     boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap that subscribes by ADS")
@@ -70,9 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="node metadata (repeatable); a JSON value for LABELS",
     )
-    boot.add_argument("--tls-ca", help="CA file: connect to the xDS port over TLS")
+    boot.add_argument("--tls-ca", help="CA file: connect to the xDS TLS port (15012)")
     boot.add_argument("--tls-cert", default="", help="client certificate file (with --tls-ca)")
     boot.add_argument("--tls-key", default="", help="client key file (with --tls-ca)")
+    boot.add_argument(
+        "--tls-server-name",
+        default="inferlane",
+        help="name the control plane's certificate must carry (default inferlane)",
+    )
+    boot.add_argument(
+        "--token-file",
+        default="",
+        help="service-account token (audience inferlane) to authenticate with (with --tls-ca)",
+    )
 
     status = sub.add_parser("status", help="each proxy's sync state per xDS type")
     status.add_argument("--admin", default="http://127.0.0.1:15014", help="admin URL")
@@ -80,9 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
+    from mesh.proxy import NodeIdError, proxy_from_node
+
     host, port = args.xds
-    tls = TlsSettings(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     try:
+        tls = None
+        if args.tls_ca:
+            token = Path(args.token_file).read_text().strip() if args.token_file else ""
+            tls = TlsSettings(
+                args.tls_ca,
+                args.tls_cert,
+                args.tls_key,
+                server_name=args.tls_server_name,
+                token=token,
+            )
+        elif args.tls_cert or args.tls_key or args.token_file:
+            raise BootstrapError("--tls-cert, --tls-key and --token-file need --tls-ca")
         opts = BootstrapOptions(
             node_id=args.node_id,
             xds_host=host,
@@ -92,11 +195,9 @@ def _bootstrap(args: argparse.Namespace) -> int:
             metadata=parse_metadata(args.metadata),
             tls=tls,
         )
-        from mesh.proxy import NodeIdError, proxy_from_node
-
         proxy_from_node(opts.node_id, opts.metadata)
         sys.stdout.write(bootstrap_yaml(opts))
-    except (BootstrapError, NodeIdError) as exc:
+    except (BootstrapError, NodeIdError, OSError) as exc:
         print(f"inferlane bootstrap: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -115,6 +216,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from mtls.ca import MtlsError
     from xds_server.app import ServeSettings, serve
 
     settings = ServeSettings(
@@ -122,11 +224,24 @@ def _serve(args: argparse.Namespace) -> int:
         kubernetes=args.kubernetes,
         host=args.host,
         xds_port=args.xds_port,
+        xds_tls_port=args.xds_tls_port,
         admin_port=args.admin_port,
         ports_file=args.ports_file,
         debounce=DebounceSettings(quiet=args.debounce_quiet, max_delay=args.debounce_max),
+        security=SecuritySettings(
+            trust_domain=args.trust_domain,
+            ca_dir=args.ca_dir,
+            ca_secret=args.ca_secret,
+            cert_ttl=args.cert_ttl,
+            plaintext_secrets_from=args.plaintext_secrets_from,
+            server_names=(*DEFAULT_SERVER_NAMES, *args.xds_tls_names),
+        ),
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except MtlsError as exc:
+        print(f"inferlane serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,38 +1,88 @@
 """The generator ``inferlane serve`` installs: the world, translated per proxy.
 
 This is where the translators meet: ``routing`` composes listeners, routes, clusters and
-endpoints (with ``mtls`` and ``ratelimit`` building blocks). The streaming layer only sees
-the :class:`~xds_server.cache.Generator` protocol.
+endpoints (with ``mtls`` and ``ratelimit`` building blocks), and the proxy's own SDS
+secrets are added from the :class:`Secrets` store. The streaming layer only sees the
+:class:`~xds_server.cache.Generator` protocol.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import routing
 from mesh.model import World
 from mesh.proxy import Proxy
+from routing.security import SecurityOptions, workload_identity
+from xds_server import types
+from xds_server.security import Identity, SecretBundle
+
+
+class Secrets(Protocol):
+    """Where workload secrets come from (:class:`xds_server.security.SecretStore`)."""
+
+    def bundle(self, identity: Identity) -> SecretBundle: ...
 
 
 class MeshGenerator:
-    """One generation: a frozen world plus the sidecars connected when it was built."""
+    """One generation: a frozen world plus the sidecars connected when it was built.
 
-    def __init__(self, world: World, sidecars: Mapping[tuple[str, str], Proxy]) -> None:
+    Each identity's secrets are looked up once per generation, so every proxy of one
+    generation sees the same certificate. Routing output is memoized per routing key and
+    shared with the next generation when only secrets changed (same world, same sidecars):
+    a renewal then costs the secrets, not a re-translation.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        sidecars: Mapping[tuple[str, str], Proxy],
+        secrets: Secrets | None = None,
+        *,
+        tls: SecurityOptions | None = None,
+        previous: MeshGenerator | None = None,
+    ) -> None:
         self.world = world
         self.sidecars = dict(sidecars)
+        self.secrets = secrets
+        self.tls = tls or SecurityOptions()
         self._backend_pods = {
             e.pod_key for svc in world.services for e in svc.endpoints if e.pod_key is not None
         }
         self._backend_ips = {e.address for svc in world.services for e in svc.endpoints}
+        self._bundles: dict[Identity, SecretBundle] = {}
+        same_input = (
+            previous is not None
+            and previous.world is world
+            and previous.tls == self.tls
+            and previous.sidecars == self.sidecars
+        )
+        self._routing: dict[Hashable, Mapping[str, Sequence[Any]]] = (
+            previous._routing if previous is not None and same_input else {}
+        )
 
-    def key(self, proxy: Proxy) -> Hashable:
+    def identity(self, proxy: Proxy) -> Identity | None:
+        """The identity whose secrets ``proxy`` gets (from its pod in the world), or None."""
+        if self.secrets is None:
+            return None
+        return workload_identity(self.world, proxy, self.tls.trust_domain)
+
+    def _bundle(self, identity: Identity) -> SecretBundle:
+        found = self._bundles.get(identity)
+        if found is None:
+            assert self.secrets is not None
+            found = self._bundles[identity] = self.secrets.bundle(identity)
+        return found
+
+    def _routing_key(self, proxy: Proxy, has_identity: bool) -> Hashable:
         """Everything the translators read of a proxy; equal keys get identical config.
 
-        Outbound config depends on the proxy's kind, identity (the caller clamp) and
-        ports; only a proxy whose pod backs a Service gets an inbound listener of its
-        own, so pod and IP enter the key only for those. This is what lets ten thousand
-        client sidecars share one generated snapshot.
+        Outbound config depends on the proxy's kind, identity (the caller clamp), ports, and
+        whether it can present a certificate (mTLS); only a proxy whose pod backs a Service
+        gets an inbound listener of its own, so pod and IP enter the key only for those.
+        This is what lets ten thousand client sidecars share one generated snapshot.
         """
         backs = (proxy.namespace, proxy.pod_name) in self._backend_pods or (
             proxy.ip in self._backend_ips
@@ -47,7 +97,26 @@ class MeshGenerator:
             proxy.gateway_port,
             proxy.bind_address,
             (proxy.pod_name, proxy.ip) if backs else None,
+            has_identity,
         )
 
+    def key(self, proxy: Proxy) -> Hashable:
+        """The routing key, plus the identity and certificate the proxy's secrets carry."""
+        identity = self.identity(proxy)
+        serial = self._bundle(identity).serial if identity is not None else None
+        return (self._routing_key(proxy, identity is not None), identity, serial)
+
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
-        return routing.generate(self.world, proxy, self.sidecars)
+        identity = self.identity(proxy)
+        routing_key = self._routing_key(proxy, identity is not None)
+        resources = self._routing.get(routing_key)
+        if resources is None:
+            # Without secrets to send, the proxy must not be given config that waits for them.
+            subject = (
+                proxy if identity is not None else dataclasses.replace(proxy, secrets_allowed=False)
+            )
+            resources = routing.generate(self.world, subject, self.sidecars, tls=self.tls)
+            self._routing[routing_key] = resources
+        if identity is None:
+            return resources
+        return {**resources, types.SECRET: list(self._bundle(identity).secrets)}

@@ -276,7 +276,17 @@ def test_renew_at_is_half_life_with_bounded_jitter(workload: IssuedCert) -> None
     assert len(set(times)) > 150  # jittered, not synchronised
     spread = max(times) - min(times)
     assert spread > lifetime * 0.15
-    assert renew_at(workload, random.Random(0), jitter=0) == workload.not_before + lifetime / 2
+    # Half the life from issue (not_before is backdated by the clock-skew allowance).
+    issued = workload.not_before + CLOCK_SKEW
+    assert renew_at(workload, random.Random(0), jitter=0) == issued + (
+        workload.not_after - issued
+    ) / 2
+
+
+def test_renew_at_a_short_lifetime_is_not_due_at_once(ca: CertificateAuthority) -> None:
+    short = ca.issue_workload("cluster.local", "default", "llama", ttl=timedelta(seconds=10))
+    due = renew_at(short, random.Random(0), jitter=0)
+    assert due == short.not_before + CLOCK_SKEW + timedelta(seconds=5)
 
 
 # ----------------------------------------------------------------------------- verifying

@@ -1,0 +1,426 @@
+"""xds_server.security and the generator's secrets, without Envoy: parsing, the secret
+store and its renewal, token reviews against a fake API server, and the authorizer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
+from kubernetes.aio.client import ApiClient, AuthenticationV1Api, Configuration
+
+from mesh.model import Workload, World
+from mesh.proxy import Proxy
+from mtls.ca import CaLoadError, CertificateAuthority, IssuedCert
+from tests.mtls.fake_kube import FakeSecretsServer, core_api, serve
+from tests.routing.factories import endpoint, proxy, service
+from xds_server import types
+from xds_server.generator import MeshGenerator
+from xds_server.security import (
+    KubernetesTokenReviewer,
+    MeshAuthorizer,
+    SecretStore,
+    SecuritySettings,
+    TlsPeer,
+    TokenIdentity,
+    bearer_token,
+    load_ca,
+    parse_grpc_peer,
+    parse_networks,
+    parse_secret_ref,
+)
+from xds_server.server import Refusal
+
+TD = "cluster.local"
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@given(st.text(max_size=80))
+def test_parsers_never_raise(text: str) -> None:
+    assert isinstance(parse_networks(text), tuple | str)
+    peer = parse_grpc_peer(text)
+    assert peer is None or isinstance(peer, tuple)
+    assert bearer_token([("authorization", text)]) in (None, *text.split())
+    assert isinstance(parse_secret_ref(text, "ns"), tuple | str)
+
+
+@given(st.lists(st.ip_addresses(), min_size=1, max_size=4), st.integers(0, 32))
+def test_networks_round_trip(addresses: list[Any], prefix: int) -> None:
+    networks = [
+        ipaddress.ip_network(f"{a}/{min(prefix, a.max_prefixlen)}", strict=False) for a in addresses
+    ]
+    assert parse_networks(", ".join(str(n) for n in networks)) == tuple(networks)
+
+
+def test_networks_name_the_bad_entry() -> None:
+    assert parse_networks("10.0.0.0/8,, ::1") == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    error = parse_networks("10.0.0.0/8,nope")
+    assert isinstance(error, str) and "'nope'" in error
+
+
+@given(st.ip_addresses(), st.integers(0, 65535))
+def test_grpc_peers_round_trip(address: Any, port: int) -> None:
+    text = f"ipv4:{address}:{port}" if address.version == 4 else f"ipv6:[{address}]:{port}"
+    expected = address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address
+    assert parse_grpc_peer(text) == (str(expected), port)
+
+
+def test_grpc_peer_forms() -> None:
+    assert parse_grpc_peer("ipv6:%5B::1%5D:80") == ("::1", 80)
+    assert parse_grpc_peer("ipv6:[::ffff:127.0.0.2]:80") == ("127.0.0.2", 80)
+    assert parse_grpc_peer("unix:/tmp/socket") is None
+    assert parse_grpc_peer("ipv4:1.2.3.4:99999") is None
+
+
+def test_bearer_tokens() -> None:
+    assert bearer_token([("Authorization", "Bearer  abc ")]) == "abc"
+    assert bearer_token([("authorization", b"bearer xyz")]) == "xyz"
+    assert bearer_token([("authorization", "Basic abc")]) is None
+    assert bearer_token(None) is None
+
+
+def test_secret_refs() -> None:
+    assert parse_secret_ref("ca", "ns") == ("ns", "ca")
+    assert parse_secret_ref("other/ca", "ns") == ("other", "ca")
+    assert isinstance(parse_secret_ref("a/b/c", "ns"), str)
+    assert isinstance(parse_secret_ref("ns/", "ns"), str)
+
+
+# --------------------------------------------------------------------------- the CA
+
+
+async def test_ca_dir_keeps_its_root(tmp_path: Path) -> None:
+    first = await load_ca(SecuritySettings(ca_dir=tmp_path / "ca"))
+    second = await load_ca(SecuritySettings(ca_dir=tmp_path / "ca"))
+    assert first.root_fingerprint == second.root_fingerprint
+
+
+async def test_ca_secret_is_created_once_and_shared() -> None:
+    fake = FakeSecretsServer()
+    settings = SecuritySettings(ca_secret="inferlane/mesh-ca")
+    async with serve(fake) as url, core_api(url) as api:
+        first = await load_ca(settings, api)
+        second = await load_ca(settings, api)
+    assert first.root_fingerprint == second.root_fingerprint
+    assert ("inferlane", "mesh-ca") in fake.secrets and fake.creates == 1
+
+
+async def test_ca_secret_errors_are_clear() -> None:
+    with pytest.raises(CaLoadError, match="Kubernetes API"):
+        await load_ca(SecuritySettings(ca_secret="mesh-ca"))
+    with pytest.raises(CaLoadError, match="NAMESPACE/NAME"):
+        await load_ca(SecuritySettings(ca_secret="a/b/c"), object())  # type: ignore[arg-type]
+
+
+def test_connection_lifetime_follows_the_certificate_lifetime() -> None:
+    assert SecuritySettings().connection_lifetime_s == 3600.0
+    assert SecuritySettings(cert_ttl=timedelta(seconds=8)).connection_lifetime_s == 2.0
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def _leaf(bundle_secrets: Any) -> x509.Certificate:
+    by_name = {s.name: s for s in bundle_secrets}
+    pem = by_name["default"].tls_certificate.certificate_chain.inline_bytes
+    return x509.load_pem_x509_certificates(pem)[0]
+
+
+def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) -> None:
+    store = SecretStore(ca, TD)
+    changes: list[int] = []
+    store.on_change = lambda: changes.append(1)
+    first = store.bundle(("default", "llama"))
+    assert store.bundle(("default", "llama")) is first
+    assert [s.name for s in first.secrets] == ["default", "ROOTCA"]
+    assert _leaf(first.secrets).serial_number == first.serial
+    other = store.bundle(("default", "chat"))
+    assert other.serial != first.serial and store.identities() == [
+        ("default", "chat"),
+        ("default", "llama"),
+    ]
+    assert store.rotate_all() == 2 and changes == [1]
+    assert store.bundle(("default", "llama")).serial != first.serial
+
+
+def test_unused_identities_are_dropped_at_renewal(ca: CertificateAuthority) -> None:
+    store = SecretStore(ca, TD)
+    store.bundle(("default", "llama"))
+    store.bundle(("default", "chat"))
+    assert store.renew_due(in_use={("default", "chat")}) == []
+    assert store.identities() == [("default", "chat")]
+
+
+async def test_renewal_at_half_life_calls_on_change(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SecretStore(ca, TD, ttl=timedelta(seconds=1))
+    changed = asyncio.Event()
+    store.on_change = changed.set
+    first = store.bundle(("default", "llama"))
+    task = asyncio.create_task(store.run(lambda: {("default", "llama")}))
+    try:
+        async with asyncio.timeout(5):
+            await changed.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert store.renewed >= 1
+    assert store.bundle(("default", "llama")).serial != first.serial
+
+
+async def test_renewal_never_spins(ca: CertificateAuthority) -> None:
+    """A certificate so short-lived that it is due again at once: the renewal loop still
+    waits its minimum interval between passes."""
+    store = SecretStore(ca, TD, ttl=timedelta(milliseconds=100))
+    store.bundle(("default", "llama"))
+    task = asyncio.create_task(store.run(lambda: {("default", "llama")}))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert 1 <= store.renewed <= 1.0 / store.min_renewal_interval + 1
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+def _world(pods: dict[str, str]) -> World:
+    workloads = {
+        ("default", pod): Workload(namespace="default", name=pod, service_account=sa)
+        for pod, sa in pods.items()
+    }
+    svc = service(endpoints=[endpoint("10.0.0.1", gpu=True, pod="gpu-0")])
+    return World(services=(svc,), workloads=MappingProxyType(workloads))
+
+
+def test_generator_serves_own_secrets_and_keys_on_the_certificate(
+    ca: CertificateAuthority,
+) -> None:
+    store = SecretStore(ca, TD)
+    world = _world({"client-0": "chat", "client-1": "chat", "gpu-0": "llama"})
+    sidecars = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1")}
+    generator = MeshGenerator(world, sidecars, store)
+    one, two = proxy(pod="client-0"), proxy(pod="client-1", ip="10.1.0.2")
+    assert generator.key(one) == generator.key(two)
+    resources = generator.generate(one)
+    assert _leaf(resources[types.SECRET]).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/ns/default/sa/chat"
+    ]
+    stranger = proxy(pod="stranger-0")
+    assert types.SECRET not in generator.generate(stranger)
+    assert generator.key(stranger) != generator.key(one)
+
+    # A rotation is a new generation with the same routing: only the key's serial moves.
+    store.rotate_all()
+    after = MeshGenerator(world, sidecars, store, previous=generator)
+    assert after.key(one) != generator.key(one)
+    again = after.generate(one)
+    for type_url in (types.CLUSTER, types.LISTENER, types.ROUTE, types.ENDPOINT):
+        assert again[type_url] is resources[type_url]
+    assert _leaf(again[types.SECRET]).serial_number != _leaf(resources[types.SECRET]).serial_number
+
+
+def test_generator_without_secrets_sends_no_mtls_config() -> None:
+    world = _world({"client-0": "chat", "gpu-0": "llama"})
+    sidecars = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1")}
+    resources = MeshGenerator(world, sidecars).generate(proxy(pod="client-0"))
+    assert types.SECRET not in resources
+    assert not any(c.transport_socket_matches for c in resources[types.CLUSTER])
+
+
+# --------------------------------------------------------------------------- token reviews
+
+
+@contextlib.asynccontextmanager
+async def token_api(reviews: dict[str, Any]) -> AsyncIterator[AuthenticationV1Api]:
+    """A fake API server answering TokenReviews from ``reviews`` (token -> status or
+    HTTP status code), with a real kubernetes.aio client pointed at it."""
+    seen: list[Any] = []
+
+    async def review(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        seen.append(body)
+        answer = reviews.get(body["spec"]["token"], {"authenticated": False, "error": "bad"})
+        if isinstance(answer, int):
+            return web.json_response({"kind": "Status", "code": answer}, status=answer)
+        return web.json_response(
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": body["spec"],
+                "status": answer,
+            },
+            status=201,
+        )
+
+    app = web.Application()
+    app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", review)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    client = ApiClient(Configuration(host=f"http://{host}:{port}"))
+    try:
+        yield AuthenticationV1Api(client)
+    finally:
+        await client.close()  # type: ignore[no-untyped-call]
+        await runner.cleanup()
+        assert all(b["spec"]["audiences"] == ["inferlane"] for b in seen)
+
+
+async def test_token_reviews() -> None:
+    sa = "system:serviceaccount:default:chat"
+    reviews: dict[str, Any] = {
+        "good": {
+            "authenticated": True,
+            "audiences": ["inferlane"],
+            "user": {"username": sa, "extra": {"authentication.kubernetes.io/pod-name": ["c-0"]}},
+        },
+        "unbound": {"authenticated": True, "audiences": ["inferlane"], "user": {"username": sa}},
+        "other-audience": {"authenticated": True, "audiences": ["api"], "user": {"username": sa}},
+        "a-person": {
+            "authenticated": True,
+            "audiences": ["inferlane"],
+            "user": {"username": "alice"},
+        },
+        "forbidden": 403,
+    }
+    async with token_api(reviews) as api:
+        reviewer = KubernetesTokenReviewer(api)
+        assert await reviewer.review("good") == TokenIdentity("default", "chat", "c-0")
+        assert await reviewer.review("unbound") == TokenIdentity("default", "chat", "")
+        for token, reason in (
+            ("other-audience", "audience"),
+            ("a-person", "not a service account"),
+            ("forbidden", "403"),
+            ("unknown", "refused"),
+        ):
+            result = await reviewer.review(token)
+            assert isinstance(result, str) and reason in result, (token, result)
+
+
+# --------------------------------------------------------------------------- the authorizer
+
+
+class FakeContext:
+    def __init__(self, peer: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self._peer = peer
+        self._metadata = metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+class FakeFront:
+    """Every stream from 127.0.0.1:4000 came over TLS from ``peer``."""
+
+    def __init__(self, peer: TlsPeer) -> None:
+        self.tls_peer = peer
+
+    def peer(self, grpc_peer: str) -> TlsPeer | None:
+        return self.tls_peer if grpc_peer == "ipv4:127.0.0.1:4000" else None
+
+
+class FakeTokens:
+    async def review(self, token: str) -> TokenIdentity | str:
+        return TokenIdentity("default", "chat") if token == "t" else "token refused"
+
+
+def _der(issued: IssuedCert) -> bytes:
+    cert = x509.load_pem_x509_certificate(issued.cert_pem)
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _authorizer(ca: CertificateAuthority, certificate: bytes | None) -> MeshAuthorizer:
+    world = _world({"chat-0": "chat", "gpu-0": "llama"})
+    return MeshAuthorizer(
+        ca=ca,
+        world=lambda: world,
+        front=FakeFront(TlsPeer("10.9.9.9", 5555, certificate)),
+        plaintext_secrets_from=(ipaddress.ip_network("127.0.0.0/8"),),
+        tokens=FakeTokens(),
+    )
+
+
+async def _admit(authorizer: MeshAuthorizer, who: Proxy, context: FakeContext) -> Any:
+    return await authorizer.admit(who, context)
+
+
+async def test_plaintext_peers_outside_the_allowlist_get_no_secrets(
+    ca: CertificateAuthority,
+) -> None:
+    authorizer = _authorizer(ca, None)
+    who = proxy(pod="chat-0")
+    assert await _admit(authorizer, who, FakeContext("ipv4:127.0.0.9:1")) is who
+    narrowed = await _admit(authorizer, who, FakeContext("ipv4:10.0.0.2:1"))
+    assert isinstance(narrowed, Proxy) and not narrowed.secrets_allowed
+
+
+@pytest.mark.parametrize(
+    ("pod", "namespace", "metadata", "expected"),
+    [
+        ("chat-0", "default", (("authorization", "Bearer t"),), "default/chat"),
+        ("new-0", "default", (("authorization", "Bearer t"),), "default/chat"),
+        ("gpu-0", "default", (("authorization", "Bearer t"),), grpc.StatusCode.PERMISSION_DENIED),
+        ("chat-0", "prod", (("authorization", "Bearer t"),), grpc.StatusCode.PERMISSION_DENIED),
+        ("chat-0", "default", (("authorization", "Bearer x"),), grpc.StatusCode.UNAUTHENTICATED),
+        ("chat-0", "default", (), grpc.StatusCode.UNAUTHENTICATED),
+    ],
+    ids=["own-pod", "pod-not-yet-known", "other-pod", "other-namespace", "bad-token", "nothing"],
+)
+async def test_tls_streams_must_be_who_they_claim(
+    ca: CertificateAuthority,
+    pod: str,
+    namespace: str,
+    metadata: tuple[tuple[str, str], ...],
+    expected: str | grpc.StatusCode,
+) -> None:
+    who = proxy(pod=pod, namespace=namespace, service_account="claimed")
+    result = await _admit(_authorizer(ca, None), who, FakeContext("ipv4:127.0.0.1:4000", metadata))
+    if isinstance(expected, str):
+        assert isinstance(result, Proxy)
+        assert result.authenticated_identity == expected
+        assert result.service_account == "chat"  # the authenticated account, not the claim
+    else:
+        assert isinstance(result, Refusal) and result.code == expected
+
+
+async def test_client_certificates_authenticate(ca: CertificateAuthority) -> None:
+    mine = _authorizer(ca, _der(ca.issue_workload(TD, "default", "chat")))
+    result = await _admit(mine, proxy(pod="chat-0"), FakeContext("ipv4:127.0.0.1:4000"))
+    assert isinstance(result, Proxy) and result.authenticated_identity == "default/chat"
+    elsewhere = _authorizer(ca, _der(ca.issue_workload("other.td", "default", "chat")))
+    refused = await _admit(elsewhere, proxy(pod="chat-0"), FakeContext("ipv4:127.0.0.1:4000"))
+    assert isinstance(refused, Refusal) and refused.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "other.td" in refused.message
