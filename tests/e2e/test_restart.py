@@ -1,0 +1,248 @@
+"""``inferlane serve`` killed with SIGKILL and restarted on the same xDS port: traffic never
+fails, and the restarted server sends the reconnecting Envoy nothing new.
+
+Versions are hashes of the serialized resources, so the restarted server computes the
+versions Envoy already holds. A SotW Envoy reconnects naming its ``version_info`` per
+type, a Delta Envoy its ``initial_resource_versions``; either way there is nothing to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import bench.envoy
+from tests.e2e.harness import (
+    Client,
+    envoy_versions,
+    http_session,
+    inference_service,
+    model_pod,
+    sidecar,
+    write_manifests,
+)
+from tests.support.backends import echo_server
+from tests.support.envoy import require_envoy, running_envoy
+from tests.support.wait import eventually
+from xds_server.bootstrap import BootstrapOptions, bootstrap
+
+pytestmark = pytest.mark.envoy
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU0, CPU0 = "127.0.38.1", "127.0.38.3"
+LLAMA = "llama.default.svc.cluster.local:8000"
+TYPES = ("LDS", "RDS", "CDS", "EDS")
+
+
+class Serve:
+    """One ``inferlane serve`` subprocess."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, ports: dict[str, int]) -> None:
+        self.proc = proc
+        self.ports = ports
+        self.admin = f"http://127.0.0.1:{ports['admin']}"
+
+    async def get(self, session: aiohttp.ClientSession, path: str) -> tuple[int, str]:
+        async with session.get(self.admin + path) as resp:
+            return resp.status, await resp.text()
+
+    async def json(self, session: aiohttp.ClientSession, path: str) -> Any:
+        status, text = await self.get(session, path)
+        assert status == 200, text
+        return json.loads(text)
+
+    async def samples(self, session: aiohttp.ClientSession, name: str) -> dict[str, float]:
+        """Samples of one metric from ``/metrics``, by their ``type`` label."""
+        _, text = await self.get(session, "/metrics")
+        return {
+            sample.labels.get("type", ""): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        }
+
+
+@contextlib.asynccontextmanager
+async def serving(manifests: Path, xds_port: int, workdir: Path) -> AsyncIterator[Serve]:
+    """``python -m xds_server.cli serve`` on ``xds_port`` (0: any); killed on exit."""
+    ports_file = workdir / "ports.json"
+    ports_file.unlink(missing_ok=True)
+    with (workdir / "serve.log").open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "xds_server.cli",
+            "--log-level",
+            "debug",
+            "serve",
+            "--manifests",
+            str(manifests),
+            "--host",
+            "127.0.0.1",
+            "--xds-port",
+            str(xds_port),
+            "--xds-tls-port",
+            "0",
+            "--ca-dir",
+            str(workdir / "ca"),
+            "--admin-port",
+            "0",
+            "--ports-file",
+            str(ports_file),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+
+        async def bound() -> dict[str, int]:
+            if proc.returncode is not None:
+                raise AssertionError(f"serve exited {proc.returncode}")
+            text = ports_file.read_text() if ports_file.exists() else ""
+            return dict(json.loads(text)) if text else {}
+
+        ports = await eventually(bound, timeout=20, what="the ports file")
+        yield Serve(proc, ports)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+class Steady:
+    """Requests back to back through the sidecar, counting every one that fails."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        classes = ("critical", "standard", None)
+        while not self._stop.is_set():
+            cls = classes[self.ok % len(classes)]
+            try:
+                status, backend = await self.client.get(LLAMA, cls)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.failures.append(repr(exc))
+                continue
+            if status == 200 and backend == "gpu-0":
+                self.ok += 1
+            else:
+                self.failures.append(f"{status} {backend}")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def more(self, count: int) -> None:
+        """Wait until ``count`` more requests have succeeded."""
+        target = self.ok + count
+
+        async def reached() -> bool:
+            return self.ok >= target
+
+        await eventually(reached, timeout=10, what=f"{count} more requests")
+
+
+def fast_reconnect_bootstrap(opts: BootstrapOptions) -> str:
+    """The usual bootstrap, with the ADS stream retried every 50 to 200 ms.
+
+    Envoy's default reconnect backoff (0.5 s doubling to 30 s, jittered) leaves it
+    reconnecting anywhere from a second to ten after the restart. Retrying fast keeps the
+    test short and makes Envoy reconnect as soon as the new server listens, before its
+    first world is loaded: the hardest moment to get right.
+    """
+    document = bootstrap(opts)
+    for service in document["dynamic_resources"]["ads_config"]["grpc_services"]:
+        service["envoy_grpc"]["retry_policy"] = {
+            "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.2s"}
+        }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_restart_sends_nothing_and_drops_nothing(
+    tmp_path: Path, delta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_envoy()
+    monkeypatch.setattr(bench.envoy, "bootstrap_yaml", fast_reconnect_bootstrap)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    client_ip = "127.0.38.11" if delta else "127.0.38.10"
+    async with (
+        echo_server("gpu-0", host=GPU0) as gpu0,
+        echo_server("cpu-0", host=CPU0) as cpu0,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        write_manifests(
+            manifests / "llama.yaml",
+            [
+                inference_service("llama", annotations={"inferlane.io/timeout": "critical=30s"}),
+                model_pod("gpu-0", app="llama", ip=GPU0, port=gpu0.port, gpu=True),
+                model_pod("cpu-0", app="llama", ip=CPU0, port=cpu0.port),
+            ],
+        )
+        session = await stack.enter_async_context(http_session())
+        first = await stack.enter_async_context(serving(manifests, 0, tmp_path))
+        xds_port = first.ports["xds"]
+        node_id, metadata, outbound = sidecar(client_ip, "app-0")
+        envoy = await stack.enter_async_context(
+            running_envoy(node_id, xds_port, delta=delta, metadata=metadata)
+        )
+        client = Client(session, client_ip, outbound)
+        await client.wait_served_by(LLAMA, ["gpu-0"])
+        before = await envoy_versions(envoy)
+        assert len(before) == 4 + 2 * 3  # 2 listeners, 2 routes, 3 clusters + 3 assignments
+
+        steady = Steady(client)
+        loop = asyncio.create_task(steady.run(), name="steady-requests")
+        try:
+            await steady.more(20)
+            first.proc.kill()
+            await first.proc.wait()
+            # Envoy serves on its cached config while no control plane runs.
+            await steady.more(20)
+
+            second = await stack.enter_async_context(serving(manifests, xds_port, tmp_path))
+            await _wait_reconnected(session, second, node_id)
+            await steady.more(20)
+        finally:
+            steady.stop()
+            await loop
+        assert steady.failures == []
+        assert cpu0.requests == 0
+        assert await envoy_versions(envoy) == before
+        sent = await second.samples(session, "inferlane_xds_resources_sent_total")
+        assert {t: sent.get(t, 0) for t in TYPES} == dict.fromkeys(TYPES, 0)
+
+
+async def _wait_reconnected(session: aiohttp.ClientSession, serve: Serve, node_id: str) -> None:
+    """Until the Envoy is connected to ``serve``, subscribed to every type, and its stream
+    holds the server's current generation (the world is loaded and translated)."""
+
+    async def synced() -> bool:
+        status, _ = await serve.get(session, "/readyz")
+        if status != 200:
+            return False
+        connections = await serve.json(session, "/debug/connections")
+        mine = [c for c in connections if c["node_id"] == node_id]
+        if len(mine) != 1 or len(mine[0]["types"]) != len(TYPES):
+            return False
+        dump = await serve.json(session, f"/debug/config_dump?proxy={node_id}")
+        generation = await serve.samples(session, "inferlane_xds_config_generation")
+        current = generation.get("", 0)
+        return current >= 1 and dump["generation"] == current
+
+    await eventually(synced, timeout=20, what="the Envoy reconnected and synced")
