@@ -18,6 +18,7 @@ from xds_server.bootstrap import (
     parse_metadata,
 )
 from xds_server.debounce import DebounceSettings
+from xds_server.inject import add_inject_parser, run_inject
 from xds_server.security import (
     DEFAULT_PLAINTEXT_SECRETS_FROM,
     DEFAULT_SERVER_NAMES,
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="service-account token (audience inferlane) to authenticate with (with --tls-ca)",
     )
 
+    add_inject_parser(sub)
     status = sub.add_parser("status", help="each proxy's sync state per xDS type")
     status.add_argument("--admin", default="http://127.0.0.1:15014", help="admin URL")
     return parser
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    commands = {"serve": _serve, "bootstrap": _bootstrap, "status": _status}
+    commands = {"serve": _serve, "bootstrap": _bootstrap, "status": _status, "inject": run_inject}
     return commands[args.command](args)
 
 
