@@ -278,9 +278,9 @@ def test_renew_at_is_half_life_with_bounded_jitter(workload: IssuedCert) -> None
     assert spread > lifetime * 0.15
     # Half the life from issue (not_before is backdated by the clock-skew allowance).
     issued = workload.not_before + CLOCK_SKEW
-    assert renew_at(workload, random.Random(0), jitter=0) == issued + (
-        workload.not_after - issued
-    ) / 2
+    assert (
+        renew_at(workload, random.Random(0), jitter=0) == issued + (workload.not_after - issued) / 2
+    )
 
 
 def test_renew_at_a_short_lifetime_is_not_due_at_once(ca: CertificateAuthority) -> None:
