@@ -175,6 +175,10 @@ async def _hammer(stubs: Sequence[Any], until: float, workers: int) -> list[tupl
     """Send requests from ``workers`` tasks round-robin over ``stubs`` until ``until``.
 
     Returns (server index, the window the answer came from, code) per answer.
+
+    The window is exact whatever the latency (below a second): it ends on a whole second,
+    at the decision time plus ``duration_until_reset``, and the decision happened between
+    sending and receiving, so the window's end is the one whole second in that interval.
     """
     out: list[tuple[int, float, int]] = []
 
@@ -182,11 +186,14 @@ async def _hammer(stubs: Sequence[Any], until: float, workers: int) -> list[tupl
         i = n
         while time.time() < until:
             stub_index = i % len(stubs)
+            sent = time.time()
             response = await stubs[stub_index].ShouldRateLimit(_request(SHED))
             received = time.time()
             status = response.statuses[0]
             reset = status.duration_until_reset.ToNanoseconds() / 1e9
-            out.append((stub_index, round(received + reset) - 1, response.overall_code))
+            window_end = math.ceil(sent + reset - 1e-3)
+            assert window_end <= received + reset + 1e-3, "a decision took over a second"
+            out.append((stub_index, window_end - 1, response.overall_code))
             i += 1
 
     await asyncio.gather(*(worker(n) for n in range(workers)))
