@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_inject_parser(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="the end-to-end demonstration on this machine (inferlane demo --help)",
+        add_help=False,
+    )
+    del demo  # its arguments are bench.demo's own; main() hands them over unparsed
     status = sub.add_parser("status", help="each proxy's sync state per xDS type")
     status.add_argument("--admin", default="http://127.0.0.1:15014", help="admin URL")
     return parser
@@ -248,12 +254,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from bench.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    commands = {"serve": _serve, "bootstrap": _bootstrap, "status": _status, "inject": run_inject}
+    commands = {
+        "serve": _serve,
+        "bootstrap": _bootstrap,
+        "status": _status,
+        "inject": run_inject,
+    }
     return commands[args.command](args)
 
 
