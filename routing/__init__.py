@@ -15,7 +15,16 @@ from google.protobuf.message import Message
 
 from mesh.model import PRIORITIES, InferenceService, World
 from mesh.proxy import Proxy
-from routing import clusters, endpoints, listeners, names, proxyless, routes, security
+from routing import (
+    clusters,
+    endpoints,
+    listeners,
+    names,
+    proxyless,
+    ratelimits,
+    routes,
+    security,
+)
 from routing.catalog import served_ports, served_services
 from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
@@ -98,12 +107,15 @@ def generate(
     sidecars: Mapping[tuple[str, str], Proxy],
     *,
     tls: security.SecurityOptions | None = None,
+    limits: ratelimits.RateLimitOptions | None = None,
 ) -> dict[str, list[Message]]:
     """Every listener, route configuration, cluster and load assignment ``proxy`` gets.
 
     ``sidecars`` maps ``(namespace, pod)`` to the connected sidecar of that pod: endpoints
     of such pods are addressed at the sidecar's inbound listener. Mesh mTLS is added last
-    (:mod:`routing.security`), with ``tls`` giving the trust domain and connection lifetime.
+    (:mod:`routing.security`), with ``tls`` giving the trust domain and connection lifetime;
+    then rate limits (:mod:`routing.ratelimits`), with ``limits`` giving the rate-limit
+    service's address and the adaptive multipliers.
     """
     services = served_services(world)
     cluster_list, assignments = _outbound_clusters(services, sidecars, proxyless=proxy.proxyless)
@@ -132,4 +144,5 @@ def generate(
         CLUSTER_TYPE: sorted(cluster_list, key=resource_name),
         ENDPOINT_TYPE: sorted(assignments, key=resource_name),
     }
-    return security.secure(generated, world, proxy, sidecars, tls)
+    secured = security.secure(generated, world, proxy, sidecars, tls)
+    return ratelimits.apply(secured, world, proxy, limits)

@@ -38,6 +38,7 @@ from xds_server.admin import Admin, serving_admin
 from xds_server.cache import ConfigCache
 from xds_server.debounce import Debouncer, DebounceSettings
 from xds_server.generator import MeshGenerator
+from xds_server.ratelimits import RateLimitRuntime, RateLimitSettings
 from xds_server.security import (
     Identity,
     KubernetesTokenReviewer,
@@ -71,6 +72,9 @@ class ServeSettings:
     #: Seconds open streams get to finish on shutdown.
     shutdown_grace: float = 2.0
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    #: The global rate-limit service (its port: ``rls`` in the ports file) and adaptive
+    #: limits. By default no service port, as for the TLS xDS port.
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
 
 
 def plain(value: Any) -> Any:
@@ -133,7 +137,19 @@ class ControlPlane:
         self.world: World | None = None
         self.debouncer = Debouncer(settings.debounce, self._flush)
         self.xds.on_sidecars_changed = self.debouncer.trigger
-        self.admin = Admin(self.xds, services=lambda: describe_world(self.world), ready=self._ready)
+        #: The global rate-limit service and the adaptive loop; a limit change is a change.
+        self.ratelimits = RateLimitRuntime(settings.ratelimit, on_change=self.debouncer.trigger)
+        self.admin = Admin(
+            self.xds,
+            services=lambda: describe_world(self.world),
+            ready=self._ready,
+            registries=(self.ratelimits.registry,),
+        )
+        self.admin.add_page(
+            "/debug/ratelimits",
+            "global rate-limit rules and counter store; adaptive limits per endpoint, with reasons",
+            self.ratelimits.debug_page,
+        )
         self.admin.add_page(
             "/debug/certs",
             "the mesh CA's root and each served identity's certificate (no keys)",
@@ -156,6 +172,7 @@ class ControlPlane:
     def publish(self, world: World) -> None:
         first = self.world is None
         self.world = world  # the source logs each new annotation or input error once
+        self.ratelimits.set_world(world)
         if first:
             log.info("first world loaded: %d inference services", len(world.services))
         self.debouncer.trigger()
@@ -176,7 +193,12 @@ class ControlPlane:
         # mTLS: it has a workload identity and so gets a certificate.
         sidecars = {k: p for k, p in self.xds.sidecars().items() if self._identity(p) is not None}
         self._generator = MeshGenerator(
-            self.world, sidecars, self.secrets, tls=self.tls_options, previous=self._generator
+            self.world,
+            sidecars,
+            self.secrets,
+            tls=self.tls_options,
+            limits=self.ratelimits.options(),
+            previous=self._generator,
         )
         self.cache.update(self._generator, first_change)
         woken = self.xds.push_all()
@@ -269,6 +291,10 @@ class ControlPlane:
             if self.tls_front is not None and s.xds_tls_port is not None:
                 ports["xds_tls"] = await self.tls_front.start(s.host, s.xds_tls_port)
                 stack.push_async_callback(self.tls_front.close)
+            stack.push_async_callback(self.ratelimits.stop)
+            rls_port = await self.ratelimits.start(s.host)
+            if rls_port is not None:
+                ports["rls"] = rls_port
             admin_port = await stack.enter_async_context(
                 serving_admin(self.admin, s.host, s.admin_port)
             )
@@ -286,6 +312,7 @@ class ControlPlane:
                 tasks.create_task(self.source.run(self.publish), name="world-source")
                 tasks.create_task(self.debouncer.run(), name="debouncer")
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
+                tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
 
 
 def _host(host: str) -> str:

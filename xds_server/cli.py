@@ -138,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra DNS names or IPs for the TLS port's certificate "
         f"(always: {', '.join(DEFAULT_SERVER_NAMES)})",
     )
+    limits = serve.add_argument_group("rate limits")
+    limits.add_argument(
+        "--rls-port",
+        type=_port,
+        default=8081,
+        help="global rate-limit service, envoy.service.ratelimit.v3 (0 = any; default 8081)",
+    )
+    limits.add_argument(
+        "--rls-address",
+        default="",
+        metavar="HOST",
+        help="where proxies reach the rate-limit service (default: --host, or 127.0.0.1 "
+        "when that is a wildcard; in a cluster, this Service's DNS name)",
+    )
+    limits.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep global counters in this Redis (redis://HOST:PORT/DB or unix:///PATH), "
+        "shared by every replica; default: in this process",
+    )
+    limits.add_argument(
+        "--rate-limit-failure-mode",
+        choices=("open", "closed"),
+        default="open",
+        help="when Redis or the service is unreachable: admit (open, default) or refuse",
+    )
 
     boot = sub.add_parser("bootstrap", help="print an Envoy bootstrap that subscribes by ADS")
     boot.add_argument("--node-id", required=True, help="TYPE~IP~POD.NS~NS.svc.cluster.local")
@@ -225,7 +251,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from mtls.ca import MtlsError
+    from ratelimit.counters import FailureMode
     from xds_server.app import ServeSettings, serve
+    from xds_server.ratelimits import RateLimitSettings
 
     settings = ServeSettings(
         manifests=args.manifests,
@@ -243,6 +271,12 @@ def _serve(args: argparse.Namespace) -> int:
             cert_ttl=args.cert_ttl,
             plaintext_secrets_from=args.plaintext_secrets_from,
             server_names=(*DEFAULT_SERVER_NAMES, *args.xds_tls_names),
+        ),
+        ratelimit=RateLimitSettings(
+            rls_port=args.rls_port,
+            rls_address=args.rls_address,
+            redis_url=args.redis or None,
+            failure_mode=FailureMode(args.rate_limit_failure_mode),
         ),
     )
     try:

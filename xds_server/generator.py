@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import routing
 from mesh.model import World
 from mesh.proxy import Proxy
+from routing.ratelimits import RateLimitOptions, limit_key
 from routing.security import SecurityOptions, workload_identity
 from xds_server import types
 from xds_server.security import Identity, SecretBundle
@@ -42,12 +43,14 @@ class MeshGenerator:
         secrets: Secrets | None = None,
         *,
         tls: SecurityOptions | None = None,
+        limits: RateLimitOptions | None = None,
         previous: MeshGenerator | None = None,
     ) -> None:
         self.world = world
         self.sidecars = dict(sidecars)
         self.secrets = secrets
         self.tls = tls or SecurityOptions()
+        self.limits = limits or RateLimitOptions()
         self._backend_pods = {
             e.pod_key for svc in world.services for e in svc.endpoints if e.pod_key is not None
         }
@@ -58,6 +61,10 @@ class MeshGenerator:
             and previous.world is world
             and previous.tls == self.tls
             and previous.sidecars == self.sidecars
+            # Adaptive multipliers are in the routing key of the proxies that read them, so
+            # a step of one endpoint re-translates that endpoint's sidecar alone.
+            and dataclasses.replace(previous.limits, multipliers={})
+            == dataclasses.replace(self.limits, multipliers={})
         )
         self._routing: dict[Hashable, Mapping[str, Sequence[Any]]] = (
             previous._routing if previous is not None and same_input else {}
@@ -82,7 +89,8 @@ class MeshGenerator:
         Outbound config depends on the proxy's kind, identity (the caller clamp), ports, and
         whether it can present a certificate (mTLS); only a proxy whose pod backs a Service
         gets an inbound listener of its own, so pod and IP enter the key only for those.
-        This is what lets ten thousand client sidecars share one generated snapshot.
+        This is what lets ten thousand client sidecars share one generated snapshot. The
+        rate-limit pass adds the adaptive multipliers of the proxy's own endpoints.
         """
         backs = (proxy.namespace, proxy.pod_name) in self._backend_pods or (
             proxy.ip in self._backend_ips
@@ -98,6 +106,7 @@ class MeshGenerator:
             proxy.bind_address,
             (proxy.pod_name, proxy.ip) if backs else None,
             has_identity,
+            limit_key(self.world, proxy, self.limits) if backs else (),
         )
 
     def key(self, proxy: Proxy) -> Hashable:
@@ -115,7 +124,9 @@ class MeshGenerator:
             subject = (
                 proxy if identity is not None else dataclasses.replace(proxy, secrets_allowed=False)
             )
-            resources = routing.generate(self.world, subject, self.sidecars, tls=self.tls)
+            resources = routing.generate(
+                self.world, subject, self.sidecars, tls=self.tls, limits=self.limits
+            )
             self._routing[routing_key] = resources
         if identity is None:
             return resources

@@ -1,0 +1,527 @@
+"""Rate limits wired into a proxy's generated config: a pure pass over routing's output.
+
+:func:`apply` runs last in :func:`routing.generate`, after the mTLS pass. Like it, it reads
+the world, the proxy and its options, never a clock, so equal inputs give equal bytes.
+
+Local limits (``inferlane.io/rate-limit``), on the inbound sidecar of each endpoint
+===================================================================================
+
+A sidecar whose pod backs a Service with a rate limit gets, on its inbound listener, the
+``local_ratelimit`` filter (only a ``stat_prefix``: it limits nothing by itself) before
+the router, in every filter chain. The Service's virtual host in the ``inbound`` route
+configuration carries the buckets:
+
+- one ``LocalRateLimit`` for the whole virtual host (one Service port on this endpoint),
+  with one descriptor bucket per class the annotation names, ``[("priority", CLASS)]``;
+- on each route of a limited class, ``rate_limits`` that emit that descriptor: the class
+  routes their own class, and the catch-all route the Service's default class.
+
+Why descriptors in one virtual-host config rather than a bucket per route: Envoy keeps
+one token bucket per per-filter config object, so per-route buckets would give the
+catch-all route (no or an unknown class header) a second bucket of the default class's
+size, and that class up to twice its limit. Here every request the endpoint serves as a
+class draws from that class's one bucket.
+
+Routes of classes the annotation does not name (``critical``, unless named) get a
+route-level config with the filter off, so they are never limited. Refused requests get
+429 with ``x-envoy-ratelimited: true`` and the draft-03 ``X-RateLimit-*`` headers.
+
+When the Service is adaptive, each class's rate is scaled by that endpoint's multipliers
+(:class:`RateLimitOptions.multipliers`, keyed by :func:`endpoint_key`), as the adaptive
+controller sets them. Only the proxy of that endpoint reads them, so a change of one
+endpoint's multipliers changes that sidecar's route configuration alone.
+
+Global limits (``inferlane.io/global-rate-limit``), on the caller's side
+=======================================================================
+
+When the options name a rate-limit service, a caller's outbound listener (a sidecar's,
+or a gateway's listener) that has a route to a Service with a global limit gets the
+``ratelimit`` filter before the router, and the static cluster :data:`RLS_CLUSTER` that
+reaches the service. Each route of a limited class sends the descriptor
+``[("service", NS/NAME), ("caller", NS/SA), ("priority", CLASS)]``, where the class is
+the one the route serves as (after defaulting and the caller clamp) and the caller is
+the proxy's identity.
+
+gRPC proxyless clients implement neither filter: they get no rate-limit config at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_ratelimit_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from mesh.model import (
+    PRIORITY_HEADER,
+    Endpoint,
+    InferenceService,
+    Priority,
+    ServicePort,
+    World,
+)
+from mesh.proxy import Proxy, ProxyKind
+from ratelimit.adaptive import class_limits
+from ratelimit.local import (
+    DEFAULT_RLS_TIMEOUT_S,
+    LOCAL_RATELIMIT_FILTER,
+    MAX_UINT32,
+    PRIORITY_KEY,
+    RATELIMITED_HEADER,
+    BucketError,
+    bucket_shape,
+    global_ratelimit_http_filter,
+    local_ratelimit_http_filter,
+    rls_cluster,
+    route_rate_limits,
+)
+from routing import names
+from routing.catalog import served_ports, served_services
+from routing.listeners import ROUTER_FILTER
+from routing.protos import pack
+
+log = logging.getLogger(__name__)
+
+#: The cluster through which proxies reach the global rate-limit service.
+RLS_CLUSTER: Final = "inferlane-rls"
+#: ``stat_prefix`` of the inbound local rate-limit filter and of its buckets.
+LOCAL_STAT_PREFIX: Final = "inferlane_local_rate_limit"
+GLOBAL_STAT_PREFIX: Final = "inferlane_global_rate_limit"
+
+Multipliers = Mapping[Priority, float]
+
+_HUNDRED_PERCENT: Final = base_pb2.RuntimeFractionalPercent(
+    default_value=percent_pb2.FractionalPercent(
+        numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
+    )
+)
+
+
+@dataclass(frozen=True)
+class RlsAddress:
+    """Where proxies reach the global rate-limit service: an IP or a DNS name, and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class RateLimitOptions:
+    """What the rate-limit pass needs beyond the world and the proxy."""
+
+    #: The global rate-limit service; None configures no global filter anywhere.
+    rls: RlsAddress | None = None
+    #: Envoy refuses a request when the service errs or does not answer in time (True), or
+    #: lets it through (False). Follows ``--rate-limit-failure-mode``.
+    failure_mode_deny: bool = False
+    #: How long Envoy waits for the service, in seconds.
+    rls_timeout_s: float = DEFAULT_RLS_TIMEOUT_S
+    #: The adaptive controller's multipliers, by :func:`endpoint_key`; an endpoint not in
+    #: here has all multipliers at 1. Read only for Services with ``adaptive: "true"``.
+    multipliers: Mapping[str, Multipliers] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def endpoint_key(endpoint: Endpoint) -> str:
+    """The name the adaptive controller knows an endpoint by.
+
+    ``NAMESPACE/POD:PORT`` when the endpoint names its pod (readable on debug pages, and
+    stable while the pod lives), else ``ADDRESS:PORT``.
+    """
+    if endpoint.pod_name:
+        return f"{endpoint.pod_namespace}/{endpoint.pod_name}:{endpoint.port}"
+    return f"{endpoint.address}:{endpoint.port}"
+
+
+def _serves_pod(proxy: Proxy, endpoint: Endpoint) -> bool:
+    """Whether ``endpoint`` is ``proxy``'s own pod (as routing picks inbound endpoints)."""
+    if endpoint.pod_key is not None:
+        return endpoint.pod_key == (proxy.namespace, proxy.pod_name)
+    return endpoint.address == proxy.ip
+
+
+def own_endpoints(
+    world: World, proxy: Proxy
+) -> list[tuple[InferenceService, ServicePort, Endpoint]]:
+    """The endpoints ``proxy``'s own pod serves: per Service port, the one its inbound
+    cluster points at (the first by address and port, as :mod:`routing` chooses)."""
+    if proxy.kind is not ProxyKind.SIDECAR or proxy.proxyless:
+        return []
+    out = []
+    for svc in served_services(world):
+        for port in served_ports(svc):
+            own = sorted(
+                (e for e in svc.endpoints_for(port.port) if _serves_pod(proxy, e)),
+                key=lambda e: (e.address, e.port),
+            )
+            if own:
+                out.append((svc, port, own[0]))
+    return out
+
+
+def limit_key(world: World, proxy: Proxy, options: RateLimitOptions) -> Hashable:
+    """What :func:`apply` reads of ``options`` for ``proxy`` beyond what every proxy shares:
+    the multipliers of its own endpoints of adaptive Services. Proxies with equal routing
+    keys and equal limit keys get identical config."""
+    if not options.multipliers:
+        return ()  # the usual case: nothing tightened anywhere
+    found = []
+    for svc, _port, endpoint in own_endpoints(world, proxy):
+        if not svc.config.adaptive or not svc.config.rate_limit:
+            continue
+        key = endpoint_key(endpoint)
+        mult = options.multipliers.get(key)
+        if mult is not None:
+            found.append((key, tuple(sorted((str(p), m) for p, m in mult.items()))))
+    return tuple(found)
+
+
+def apply(
+    resources: Mapping[str, Sequence[Message]],
+    world: World,
+    proxy: Proxy,
+    options: RateLimitOptions | None = None,
+) -> dict[str, list[Message]]:
+    """``resources`` (as :func:`routing.generate` builds them) with rate limits added.
+
+    Messages that change are copied; lists keep their order, except that the RLS cluster
+    is inserted in name order.
+    """
+    opts = options or RateLimitOptions()
+    out: dict[str, list[Any]] = {t: list(msgs) for t, msgs in resources.items()}
+    if proxy.proxyless:
+        return out
+    if proxy.kind is ProxyKind.SIDECAR:
+        _local_limits(out, world, proxy, opts)
+    if opts.rls is not None:
+        _global_limits(out, world, proxy, opts, opts.rls)
+    return out
+
+
+# --------------------------------------------------------------------------- local
+
+
+def _token_bucket(rps: float) -> Any:
+    shape = bucket_shape(rps)
+    return token_bucket_pb2.TokenBucket(
+        max_tokens=shape.max_tokens,
+        tokens_per_fill={"value": shape.tokens_per_fill},
+        fill_interval=duration_pb2.Duration(
+            seconds=shape.fill_interval_ms // 1000,
+            nanos=(shape.fill_interval_ms % 1000) * 1_000_000,
+        ),
+    )
+
+
+def _never_empty() -> Any:
+    """A bucket no traffic drains: Envoy requires a default bucket in a per-route config.
+    Requests that match a class descriptor do not draw from it (see below), and routes of
+    unlimited classes turn the filter off, so nothing does."""
+    return token_bucket_pb2.TokenBucket(
+        max_tokens=MAX_UINT32,
+        tokens_per_fill={"value": MAX_UINT32},
+        fill_interval=duration_pb2.Duration(seconds=1),
+    )
+
+
+def class_buckets_config(rates: Mapping[Priority, float], stat_prefix: str) -> Any | None:
+    """The virtual host's ``LocalRateLimit``: one descriptor bucket per class in ``rates``.
+
+    None when no rate can be expressed as a bucket (each bad one is logged and skipped).
+    """
+    descriptors = []
+    for priority, rps in rates.items():
+        try:
+            bucket = _token_bucket(rps)
+        except BucketError as exc:
+            log.warning("no local rate limit for class %s: %s", priority, exc)
+            continue
+        descriptors.append(
+            common_ratelimit_pb2.LocalRateLimitDescriptor(
+                entries=[
+                    common_ratelimit_pb2.RateLimitDescriptor.Entry(
+                        key=PRIORITY_KEY, value=str(priority)
+                    )
+                ],
+                token_bucket=bucket,
+            )
+        )
+    if not descriptors:
+        return None
+    config = local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix=stat_prefix,
+        status=http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
+        token_bucket=_never_empty(),
+        filter_enabled=_HUNDRED_PERCENT,
+        filter_enforced=_HUNDRED_PERCENT,
+        response_headers_to_add=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=RATELIMITED_HEADER, value="true"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+        descriptors=descriptors,
+        enable_x_ratelimit_headers=common_ratelimit_pb2.DRAFT_VERSION_03,
+    )
+    config.always_consume_default_token_bucket.value = False
+    return config
+
+
+def _filter_off(stat_prefix: str) -> Any:
+    """A route-level config that turns the filter off (``filter_enabled`` defaults to 0 %)."""
+    return local_rate_limit_pb2.LocalRateLimit(stat_prefix=stat_prefix, token_bucket=_never_empty())
+
+
+def _class_action(priority: Priority) -> Any:
+    return route_components_pb2.RateLimit(
+        actions=[
+            route_components_pb2.RateLimit.Action(
+                generic_key=route_components_pb2.RateLimit.Action.GenericKey(
+                    descriptor_key=PRIORITY_KEY, descriptor_value=str(priority)
+                )
+            )
+        ]
+    )
+
+
+def _inbound_class(route_name: str, svc: InferenceService) -> Priority:
+    """The class an inbound route serves: its own, or the default for the catch-all."""
+    try:
+        return Priority(route_name)
+    except ValueError:
+        return svc.config.default_priority
+
+
+def endpoint_rates(
+    svc: InferenceService, endpoint: Endpoint, options: RateLimitOptions
+) -> Mapping[Priority, float]:
+    """The per-class rates ``endpoint``'s sidecar enforces for ``svc``."""
+    multipliers = options.multipliers.get(endpoint_key(endpoint)) if svc.config.adaptive else None
+    return class_limits(svc.config, multipliers).rate
+
+
+def _is_class_action(limit: Any) -> bool:
+    return len(limit.actions) == 1 and limit.actions[0].generic_key.descriptor_key == PRIORITY_KEY
+
+
+def _clear_local(vhost: Any) -> None:
+    """Remove what an earlier run of this pass put on ``vhost`` (so it can run again)."""
+    if LOCAL_RATELIMIT_FILTER in vhost.typed_per_filter_config:
+        del vhost.typed_per_filter_config[LOCAL_RATELIMIT_FILTER]
+    for route in vhost.routes:
+        if LOCAL_RATELIMIT_FILTER in route.typed_per_filter_config:
+            del route.typed_per_filter_config[LOCAL_RATELIMIT_FILTER]
+        kept = [limit for limit in route.route.rate_limits if not _is_class_action(limit)]
+        if len(kept) != len(route.route.rate_limits):
+            del route.route.rate_limits[:]
+            route.route.rate_limits.extend(kept)
+
+
+def _limit_vhost(vhost: Any, svc: InferenceService, rates: Mapping[Priority, float]) -> bool:
+    """Add the buckets to one inbound virtual host (in place); False if it has none."""
+    _clear_local(vhost)
+    stat_prefix = f"{LOCAL_STAT_PREFIX}_{svc.namespace}_{svc.name}"
+    config = class_buckets_config(rates, stat_prefix)
+    if config is None:
+        return False
+    limited = {Priority(e.entries[0].value) for e in config.descriptors}
+    vhost.typed_per_filter_config[LOCAL_RATELIMIT_FILTER].CopyFrom(pack(config))
+    for route in vhost.routes:
+        served = _inbound_class(route.name, svc)
+        if served in limited:
+            route.route.rate_limits.append(_class_action(served))
+        else:
+            route.typed_per_filter_config[LOCAL_RATELIMIT_FILTER].CopyFrom(
+                pack(_filter_off(stat_prefix))
+            )
+    return True
+
+
+def _local_limits(
+    out: dict[str, list[Any]], world: World, proxy: Proxy, opts: RateLimitOptions
+) -> None:
+    limited_vhosts = {
+        names.virtual_host(svc.hostname, port.port): endpoint_rates(svc, endpoint, opts)
+        for svc, port, endpoint in own_endpoints(world, proxy)
+        if svc.config.rate_limit
+    }
+    if not limited_vhosts or names.ROUTE_TYPE not in out:
+        return
+    by_vhost = {
+        names.virtual_host(svc.hostname, port.port): svc
+        for svc in served_services(world)
+        for port in served_ports(svc)
+    }
+    any_limited = False
+    routes = []
+    for route_config in out[names.ROUTE_TYPE]:
+        if route_config.name != names.INBOUND_ROUTE:
+            routes.append(route_config)
+            continue
+        limited = type(route_config)()
+        limited.CopyFrom(route_config)
+        for vhost in limited.virtual_hosts:
+            rates = limited_vhosts.get(vhost.name)
+            if rates is not None and _limit_vhost(vhost, by_vhost[vhost.name], rates):
+                any_limited = True
+        routes.append(limited)
+    if not any_limited:
+        return
+    out[names.ROUTE_TYPE] = routes
+    if names.LISTENER_TYPE in out:
+        local = local_ratelimit_http_filter(LOCAL_STAT_PREFIX)
+        out[names.LISTENER_TYPE] = [
+            _with_filter(listener, local) if listener.name == names.INBOUND_LISTENER else listener
+            for listener in out[names.LISTENER_TYPE]
+        ]
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _with_filter(listener: Any, http_filter: Any) -> Any:
+    """A copy of ``listener`` with ``http_filter`` just before the router in every HTTP
+    connection manager (once: a manager that has it already is left alone)."""
+    copy = type(listener)()
+    copy.CopyFrom(listener)
+    for chain in copy.filter_chains:
+        for network_filter in chain.filters:
+            if not network_filter.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+                continue
+            manager = hcm_pb2.HttpConnectionManager()
+            network_filter.typed_config.Unpack(manager)
+            if any(f.name == http_filter.name for f in manager.http_filters):
+                continue
+            position = next(
+                (i for i, f in enumerate(manager.http_filters) if f.name == ROUTER_FILTER),
+                len(manager.http_filters),
+            )
+            manager.http_filters.insert(position, http_filter)
+            network_filter.typed_config.CopyFrom(pack(manager))
+    return copy
+
+
+# --------------------------------------------------------------------------- global
+
+
+def _served_class(route: Any, svc: InferenceService) -> Priority:
+    """The class an outbound route serves as: the class header it sets (routing writes the
+    clamped class there), else its name, else the Service's default."""
+    for option in route.request_headers_to_add:
+        if option.header.key.lower() == PRIORITY_HEADER:
+            try:
+                return Priority(option.header.value)
+            except ValueError:
+                break
+    return _inbound_class(route.name, svc)
+
+
+def _outbound_route_names(proxy: Proxy) -> set[str]:
+    if proxy.is_gateway:
+        return {names.gateway_route(proxy.gateway_port)}
+    return {names.OUTBOUND_ROUTE}
+
+
+def _outbound_listener_names(proxy: Proxy) -> set[str]:
+    if proxy.is_gateway:
+        return {names.gateway_listener(proxy.bind_address, proxy.gateway_port)}
+    return {names.OUTBOUND_LISTENER}
+
+
+def rate_limited_services(world: World) -> dict[str, InferenceService]:
+    """Virtual-host name -> Service, for every served port of a Service with a global limit."""
+    return {
+        names.virtual_host(svc.hostname, port.port): svc
+        for svc in served_services(world)
+        if svc.config.global_rate_limit
+        for port in served_ports(svc)
+    }
+
+
+def _limit_routes(route_config: Any, limited: Mapping[str, InferenceService], caller: str) -> bool:
+    """Add ``rate_limits`` to the routes of globally limited Services (in place)."""
+    changed = False
+    for vhost in route_config.virtual_hosts:
+        svc = limited.get(vhost.name)
+        if svc is None:
+            continue
+        service = f"{svc.namespace}/{svc.name}"
+        for route in vhost.routes:
+            served = _served_class(route, svc)
+            for action in route_rate_limits(service, caller, served, svc.config.global_rate_limit):
+                if action not in route.route.rate_limits:
+                    route.route.rate_limits.append(action)
+                changed = True
+    return changed
+
+
+def rls_cluster_for(address: RlsAddress, name: str = RLS_CLUSTER) -> Any:
+    """The cluster that reaches the rate-limit service: STATIC for an IP, STRICT_DNS for a
+    name (a Kubernetes Service's DNS name, say)."""
+    cluster = rls_cluster(name, address.host, address.port)
+    if not address.is_ip:
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+    return cluster
+
+
+def _global_limits(
+    out: dict[str, list[Any]],
+    world: World,
+    proxy: Proxy,
+    opts: RateLimitOptions,
+    rls: RlsAddress,
+) -> None:
+    limited = rate_limited_services(world)
+    if not limited or names.ROUTE_TYPE not in out:
+        return
+    route_names = _outbound_route_names(proxy)
+    any_limited = False
+    routes = []
+    for route_config in out[names.ROUTE_TYPE]:
+        if route_config.name not in route_names:
+            routes.append(route_config)
+            continue
+        copy = type(route_config)()
+        copy.CopyFrom(route_config)
+        if _limit_routes(copy, limited, proxy.identity):
+            any_limited = True
+        routes.append(copy)
+    if not any_limited:
+        return
+    out[names.ROUTE_TYPE] = routes
+    http_filter = global_ratelimit_http_filter(
+        RLS_CLUSTER,
+        failure_mode_deny=opts.failure_mode_deny,
+        timeout_s=opts.rls_timeout_s,
+        stat_prefix=GLOBAL_STAT_PREFIX,
+    )
+    listener_names = _outbound_listener_names(proxy)
+    if names.LISTENER_TYPE in out:
+        out[names.LISTENER_TYPE] = [
+            _with_filter(listener, http_filter) if listener.name in listener_names else listener
+            for listener in out[names.LISTENER_TYPE]
+        ]
+    clusters = [c for c in out.get(names.CLUSTER_TYPE, []) if c.name != RLS_CLUSTER]
+    clusters.append(rls_cluster_for(rls))
+    out[names.CLUSTER_TYPE] = sorted(clusters, key=lambda c: str(c.name))

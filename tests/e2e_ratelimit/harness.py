@@ -1,0 +1,118 @@
+"""Shared pieces of the rate-limit end-to-end tests: a control plane with rate-limit settings.
+
+Pod IPs are loopback addresses of each module's own (``127.0.7N.x``), so modules never clash
+with ``tests/e2e`` (127.0.3N.x), ``tests/e2e_mtls`` (127.0.5N.x) or the demo. Manifests,
+sidecars and clients come from the mTLS harness: backends are reached through their own
+sidecar over mTLS, as in a real mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from google.protobuf import json_format
+
+from bench.envoy import Envoy
+from bench.wait import eventually
+from mesh.manifests import ManifestSource
+from xds_server.app import ControlPlane, ServeSettings
+from xds_server.debounce import DebounceSettings
+from xds_server.ratelimits import RateLimitSettings
+from xds_server.security import SecuritySettings
+
+LOCAL_FILTER = "envoy.filters.http.local_ratelimit"
+
+
+def serve_settings(ca_dir: Path, ratelimit: RateLimitSettings) -> ServeSettings:
+    return ServeSettings(
+        host="127.0.0.1",
+        xds_port=0,
+        admin_port=0,
+        debounce=DebounceSettings(quiet=0.02, max_delay=0.2),
+        shutdown_grace=0.2,
+        security=SecuritySettings(ca_dir=ca_dir),
+        ratelimit=ratelimit,
+    )
+
+
+@contextlib.asynccontextmanager
+async def control_plane(manifest: Path, settings: ServeSettings) -> AsyncIterator[ControlPlane]:
+    """A ControlPlane on ``manifest``, in this event loop; yields once its world is loaded."""
+    plane = ControlPlane(settings, ManifestSource(manifest, poll_interval=0.05))
+    task = asyncio.create_task(plane.run(), name="ratelimit-control-plane")
+
+    async def loaded() -> bool:
+        if task.done():
+            task.result()
+            raise AssertionError("the control plane stopped")
+        return plane.started.is_set() and plane.world is not None
+
+    try:
+        await eventually(loaded, timeout=20, what="the control plane's first world")
+        yield plane
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def admin_get(plane: ControlPlane, path: str) -> str:
+    url = f"http://127.0.0.1:{plane.ports['admin']}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200, resp.status
+        return await resp.text()
+
+
+def sample(metrics_text: str, name: str, **labels: str) -> float | None:
+    """One sample of a Prometheus text page (None when the series is absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+async def inbound_bucket_ms(envoy: Envoy, priority: str) -> float | None:
+    """Milliseconds per token of ``priority``'s bucket on Envoy's inbound route config, as
+    Envoy holds it (None when it has none): fill interval over tokens per fill."""
+    dump = await envoy.admin_json("/config_dump?resource=dynamic_route_configs")
+    for entry in dump.get("configs", []):
+        config = entry.get("route_config", {})
+        if config.get("name") != "inbound":
+            continue
+        for vhost in config.get("virtual_hosts", []):
+            packed = vhost.get("typed_per_filter_config", {}).get(LOCAL_FILTER)
+            if packed is None:
+                continue
+            limit = local_rate_limit_pb2.LocalRateLimit()
+            body = {k: v for k, v in packed.items() if k != "@type"}
+            json_format.ParseDict(body, limit)
+            for d in limit.descriptors:
+                if d.entries[0].value == priority:
+                    bucket = d.token_bucket
+                    return float(
+                        bucket.fill_interval.ToMilliseconds() / bucket.tokens_per_fill.value
+                    )
+    return None
+
+
+async def rds_updates(envoy: Envoy, route_config: str = "inbound") -> int:
+    """Updates of one route configuration Envoy accepted over its lifetime. (A SotW route
+    response carries every route configuration, so each subscription counts each push.)"""
+    stats = await envoy.stats("rds")
+    return sum(v for k, v in stats.items() if k.endswith(f".rds.{route_config}.update_success"))
+
+
+def statuses(results: list[tuple[int, Any]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for status, _ in results:
+        out[status] = out.get(status, 0) + 1
+    return out

@@ -1,0 +1,430 @@
+"""Rate limits in the running control plane: the global service and the adaptive loop.
+
+:class:`RateLimitRuntime` owns three things, each started and stopped by the control plane:
+
+- **The global rate-limit service** (``xds_server.rls``) on ``--rls-port``. Its rules are
+  replaced on every new world (:meth:`RateLimitRuntime.set_world`). Counters live in this
+  process, or in Redis with ``--redis URL`` so that replicas share them; when Redis cannot
+  be reached, ``--rate-limit-failure-mode`` decides (``open`` admits, ``closed`` refuses),
+  and the metrics say so: ``inferlane_ratelimit_backend_up{backend="redis"}`` drops to 0,
+  ``inferlane_ratelimit_redis_errors_total`` and
+  ``inferlane_ratelimit_failure_mode_decisions_total{mode}`` count, and
+  ``inferlane_ratelimit_failure_mode{mode}`` shows the configured mode.
+- **The adaptive loop.** Every ``scrape_interval_s`` it scrapes ``/metrics`` of each
+  ready endpoint of every adaptive Service that has a ``rate-limit`` (aiohttp, at most
+  ``scrape_concurrency`` at once, each bounded by ``scrape_timeout_s``), and feeds the
+  samples to the :class:`~ratelimit.adaptive.AdaptiveController`. When a step changes an
+  endpoint's multipliers it calls ``on_change`` (the control plane's debouncer), and the
+  next generation reads the new multipliers through :meth:`RateLimitRuntime.options`.
+  Only that endpoint's sidecar reads them, so only its config changes. The controller's
+  change budget bounds the pushes per endpoint; the debouncer folds simultaneous changes
+  of several endpoints into one generation.
+- **``/debug/ratelimits``**: the rules, the counter store's state, the controller's
+  per-endpoint state with its reasons, and each adaptive endpoint's current rates.
+
+Everything runs on the control plane's event loop; the controller is not thread-safe and
+is only touched from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mesh.model import PRIORITIES, Endpoint, InferenceService, World
+from ratelimit.adaptive import (
+    AdaptiveController,
+    AdaptiveMetrics,
+    AdaptiveSettings,
+    SaturationSample,
+)
+from ratelimit.counters import (
+    Check,
+    Counters,
+    Decision,
+    FailureMode,
+    InMemoryCounters,
+    RateLimitMetrics,
+    RedisCounters,
+)
+from ratelimit.local import DEFAULT_RLS_TIMEOUT_S
+from ratelimit.rules import rules_from_world
+from ratelimit.scrape import VLLM, MetricNames, ScrapeError, Scraper
+from routing.catalog import served_ports, served_services
+from routing.ratelimits import (
+    Multipliers,
+    RateLimitOptions,
+    RlsAddress,
+    endpoint_key,
+    endpoint_rates,
+)
+from xds_server.rls import DEFAULT_RLS_PORT, RateLimitService, start_rls_server
+
+log = logging.getLogger(__name__)
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """Settings of the rate-limit runtime. Units are in the names."""
+
+    #: The global rate-limit service's port (0 = any free port); None serves none, and
+    #: proxies then get no global filter. ``inferlane serve`` uses 8081 (SPEC); embedded
+    #: control planes default to none, so several in one test run never contend for it.
+    rls_port: int | None = None
+    #: The host or IP proxies reach the service at. Empty: the address the control plane
+    #: binds, or 127.0.0.1 when that is a wildcard. In a cluster, give the control plane's
+    #: Service DNS name (proxies then resolve it: a STRICT_DNS cluster).
+    rls_address: str = ""
+    #: Redis URL (``redis://HOST:PORT/DB``, ``unix:///PATH``) for counters shared between
+    #: replicas; None keeps them in this process.
+    redis_url: str | None = None
+    #: What to decide when Redis is unreachable; Envoy also applies it when the service
+    #: itself does not answer in time (``failure_mode_deny`` for ``closed``).
+    failure_mode: FailureMode = FailureMode.OPEN
+    #: Seconds one Redis round trip may take before the failure mode decides.
+    redis_timeout_s: float = 0.1
+    #: Seconds Envoy waits for the service's answer.
+    rls_timeout_s: float = DEFAULT_RLS_TIMEOUT_S
+    #: Decide and count as usual but never refuse (envoyproxy/ratelimit's shadow mode).
+    shadow_mode: bool = False
+    #: Seconds between scrape rounds of the adaptive endpoints. One second resolves a
+    #: queue building up well within the controller's default two-second hold.
+    scrape_interval_s: float = 1.0
+    #: Seconds one scrape may take; a slower endpoint counts as a failed scrape.
+    scrape_timeout_s: float = 0.5
+    #: Scrapes in flight at once, so a large Service does not open thousands of sockets.
+    scrape_concurrency: int = 32
+    #: Path of the model server's Prometheus page, on the endpoint's own port.
+    metrics_path: str = "/metrics"
+    #: Which series carry the saturation signals (vLLM's by default).
+    metric_names: MetricNames = VLLM
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+
+    def problems(self) -> list[str]:
+        out = list(self.adaptive.problems())
+        if self.scrape_interval_s <= 0 or self.scrape_timeout_s <= 0:
+            out.append("scrape interval and timeout must be positive")
+        if self.scrape_concurrency < 1:
+            out.append("scrape_concurrency must be at least 1")
+        if not self.metrics_path.startswith("/"):
+            out.append("metrics_path must start with '/'")
+        if self.rls_timeout_s <= 0 or self.redis_timeout_s <= 0:
+            out.append("timeouts must be positive")
+        return out
+
+
+class RuntimeMetrics:
+    """The runtime's own metrics (the service, counters and controller add theirs)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.scrapes = Counter(
+            "inferlane_adaptive_scrapes_total",
+            "Scrapes of adaptive endpoints' metrics, by result (ok, error).",
+            ["result"],
+            registry=registry,
+        )
+        self.round_seconds = Histogram(
+            "inferlane_adaptive_scrape_round_seconds",
+            "Time to scrape every adaptive endpoint once.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+        self.targets = Gauge(
+            "inferlane_adaptive_endpoints",
+            "Endpoints of adaptive Services being scraped.",
+            registry=registry,
+        )
+        self.pushes = Counter(
+            "inferlane_adaptive_pushes_total",
+            "Config pushes requested because adaptive limits changed.",
+            registry=registry,
+        )
+        self.failure_mode = Gauge(
+            "inferlane_ratelimit_failure_mode",
+            "1 for the configured failure mode of the global rate-limit service.",
+            ["mode"],
+            registry=registry,
+        )
+        self.failure_mode_decisions = Counter(
+            "inferlane_ratelimit_failure_mode_decisions_total",
+            "Descriptors decided by the failure mode because the counter store failed.",
+            ["mode"],
+            registry=registry,
+        )
+
+
+class _FailureCountingRedis(RedisCounters):
+    """Redis counters that also count the decisions the failure mode made."""
+
+    decided_by_failure_mode: Any = None
+
+    async def check(self, domain: str, checks: Sequence[Check]) -> list[Decision]:
+        decisions = await super().check(domain, checks)
+        failed = sum(1 for d in decisions if d.backend_error)
+        if failed and self.decided_by_failure_mode is not None:
+            self.decided_by_failure_mode.labels(str(self.failure_mode)).inc(failed)
+        return decisions
+
+
+def _counters(
+    settings: RateLimitSettings, metrics: RateLimitMetrics, runtime: RuntimeMetrics
+) -> Counters:
+    if settings.redis_url:
+        counters = _FailureCountingRedis(
+            settings.redis_url,
+            failure_mode=settings.failure_mode,
+            metrics=metrics,
+            timeout_s=settings.redis_timeout_s,
+        )
+        counters.decided_by_failure_mode = runtime.failure_mode_decisions
+        return counters
+    return InMemoryCounters(failure_mode=settings.failure_mode, metrics=metrics)
+
+
+def metrics_url(address: str, port: int, path: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{path}"
+
+
+def adaptive_targets(world: World, metrics_path: str = "/metrics") -> dict[str, str]:
+    """Endpoint key -> metrics URL, for each ready endpoint of an adaptive Service that
+    has a ``rate-limit`` (the multipliers scale nothing else in the config)."""
+    targets: dict[str, str] = {}
+    for svc in served_services(world):
+        if not svc.config.adaptive or not svc.config.rate_limit:
+            continue
+        for port in served_ports(svc):
+            for endpoint in svc.endpoints_for(port.port):
+                if endpoint.ready:
+                    targets[endpoint_key(endpoint)] = metrics_url(
+                        endpoint.address, endpoint.port, metrics_path
+                    )
+    return targets
+
+
+class RateLimitRuntime:
+    """The global rate-limit service, the adaptive loop and their debug page."""
+
+    def __init__(
+        self,
+        settings: RateLimitSettings | None = None,
+        *,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings or RateLimitSettings()
+        problems = self.settings.problems()
+        if problems:
+            raise ValueError("bad rate-limit settings: " + "; ".join(problems))
+        self.on_change = on_change
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RuntimeMetrics(self.registry)
+        for mode in FailureMode:
+            self.metrics.failure_mode.labels(str(mode)).set(
+                1 if mode is self.settings.failure_mode else 0
+            )
+        self.counters = _counters(self.settings, RateLimitMetrics(self.registry), self.metrics)
+        self.service = RateLimitService(self.counters, shadow_mode=self.settings.shadow_mode)
+        self.controller = AdaptiveController(
+            self.settings.adaptive, clock=clock, metrics=AdaptiveMetrics(self.registry)
+        )
+        self.scraper = Scraper(
+            names=self.settings.metric_names, timeout_s=self.settings.scrape_timeout_s
+        )
+        self.world: World | None = None
+        self._targets: dict[str, str] = {}
+        self._server: Any = None
+        self.port: int | None = None
+        self._address: RlsAddress | None = None
+        self.rounds = 0
+
+    # -- the world --------------------------------------------------------------------
+
+    def set_world(self, world: World) -> None:
+        """New rules for the service, and the adaptive endpoints to scrape."""
+        self.world = world
+        self.service.set_rules(rules_from_world(world))
+        targets = adaptive_targets(world, self.settings.metrics_path)
+        for gone in set(self._targets) - set(targets):
+            self.controller.forget(gone)
+        self._targets = targets
+        self.metrics.targets.set(len(targets))
+
+    def reset_adaptive(self) -> None:
+        """Forget every endpoint's controller state (all limits back to the annotation's)
+        and push. For benchmarks that run several scenarios on one control plane."""
+        for key in self.controller.endpoints():
+            self.controller.forget(key)
+        self.on_change()
+
+    @property
+    def targets(self) -> Mapping[str, str]:
+        return MappingProxyType(dict(self._targets))
+
+    def multipliers(self) -> dict[str, Multipliers]:
+        """Every scraped endpoint's multipliers that differ from 1 (the rest are untouched)."""
+        out: dict[str, Multipliers] = {}
+        for key in self._targets:
+            mult = self.controller.multipliers(key)
+            if any(mult.get(p, 1.0) != 1.0 for p in PRIORITIES):
+                out[key] = mult
+        return out
+
+    def options(self) -> RateLimitOptions:
+        """What the next generation's rate-limit pass reads: frozen, safe to share."""
+        return RateLimitOptions(
+            rls=self._address,
+            failure_mode_deny=self.settings.failure_mode is FailureMode.CLOSED,
+            rls_timeout_s=self.settings.rls_timeout_s,
+            multipliers=MappingProxyType(self.multipliers()),
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, host: str) -> int | None:
+        """Start the global service (when a port is set); returns the bound port."""
+        port = self.settings.rls_port
+        if port is None:
+            return None
+        self._server, self.port = await start_rls_server(self.service, host, port)
+        address = self.settings.rls_address or (host if host not in _WILDCARDS else "127.0.0.1")
+        self._address = RlsAddress(address.strip("[]"), self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = 0.2) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self._address = None
+        await self.scraper.close()
+        await self.counters.close()
+
+    async def run(self) -> None:
+        """Scrape and step the controller every ``scrape_interval_s``, until cancelled."""
+        loop = asyncio.get_running_loop()
+        interval = self.settings.scrape_interval_s
+        next_round = loop.time()
+        while True:
+            if self._targets:
+                try:
+                    await self.step()
+                except Exception:  # keep limits as they are; the next round tries again
+                    log.exception("adaptive round failed")
+            next_round = max(next_round + interval, loop.time())
+            await asyncio.sleep(next_round - loop.time())
+
+    async def step(self) -> list[str]:
+        """One round: scrape every target, observe, and trigger a push if limits changed.
+
+        Returns the endpoints whose multipliers changed.
+        """
+        targets = dict(self._targets)
+        if not targets:
+            return []
+        started = time.perf_counter()
+        gate = asyncio.Semaphore(self.settings.scrape_concurrency)
+
+        async def scrape(url: str) -> SaturationSample | ScrapeError:
+            async with gate:
+                return await self.scraper.scrape(url)
+
+        results = await asyncio.gather(*(scrape(url) for url in targets.values()))
+        self.metrics.round_seconds.observe(time.perf_counter() - started)
+        self.rounds += 1
+        changed = []
+        for key, result in zip(targets, results, strict=True):
+            if key not in self._targets:
+                continue  # gone from the world while we scraped
+            if isinstance(result, ScrapeError):
+                self.metrics.scrapes.labels("error").inc()
+                self.controller.observe_error(key, result.message)
+                continue
+            self.metrics.scrapes.labels("ok").inc()
+            step = self.controller.observe(key, result)
+            if step.changed:
+                log.info("adaptive limits of %s: %s", key, step.state.last_change_reason)
+                changed.append(key)
+        if changed:
+            self.metrics.pushes.inc()
+            self.on_change()
+        return changed
+
+    # -- debug ------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """``/debug/ratelimits``: the global service and the adaptive controller."""
+        snapshot = self.controller.snapshot()
+        endpoints = {e["endpoint"]: e for e in snapshot.to_dict()["endpoints"]}
+        options = self.options()
+        for svc, endpoint in self._adaptive_endpoints():
+            key = endpoint_key(endpoint)
+            entry = endpoints.setdefault(key, {"endpoint": key})
+            entry["service"] = f"{svc.namespace}/{svc.name}"
+            entry["metrics_url"] = self._targets.get(key)
+            entry["rates"] = {str(p): r for p, r in endpoint_rates(svc, endpoint, options).items()}
+        rls: dict[str, Any] = {
+            "port": self.port,
+            "address": None
+            if self._address is None
+            else f"{self._address.host}:{self._address.port}",
+            "redis": self.settings.redis_url is not None,
+            **self.service.debug(),
+        }
+        return {
+            "global": rls,
+            "adaptive": {
+                "settings": snapshot.to_dict()["settings"],
+                "scrape_interval_s": self.settings.scrape_interval_s,
+                "rounds": self.rounds,
+                "endpoints": [endpoints[k] for k in sorted(endpoints)],
+            },
+        }
+
+    def _adaptive_endpoints(self) -> list[tuple[InferenceService, Endpoint]]:
+        if self.world is None:
+            return []
+        return [
+            (svc, endpoint)
+            for svc in served_services(self.world)
+            if svc.config.adaptive and svc.config.rate_limit
+            for port in served_ports(svc)
+            for endpoint in svc.endpoints_for(port.port)
+        ]
+
+    async def debug_page(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            self.describe(),
+            dumps=lambda d: json.dumps(d, indent=2, sort_keys=True, default=str),
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_runtime(runtime: RateLimitRuntime, host: str) -> AsyncIterator[int | None]:
+    """Start ``runtime``'s service; stop everything it holds on exit."""
+    try:
+        yield await runtime.start(host)
+    finally:
+        await runtime.stop()
+
+
+__all__ = [
+    "DEFAULT_RLS_PORT",
+    "FailureMode",
+    "RateLimitRuntime",
+    "RateLimitSettings",
+    "adaptive_targets",
+    "running_runtime",
+]
