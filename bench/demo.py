@@ -352,38 +352,8 @@ class StaticEnvoy(Envoy):
         super().__init__(BootstrapOptions(node_id="baseline"), log_level=log_level)
         self.bootstrap = bootstrap
 
-    async def start(self) -> Envoy:
-        config = self.dir / "bootstrap.yaml"
-        config.write_text(yaml.safe_dump(_plain(self.bootstrap), sort_keys=False))
-        admin_path = self.dir / "admin-address"
-        self.log_path = self.dir / "envoy.log"
-        self.proc = await asyncio.create_subprocess_exec(
-            envoy_binary(),
-            "-c",
-            str(config),
-            "--concurrency",
-            "1",
-            "--use-dynamic-base-id",
-            "--admin-address-path",
-            str(admin_path),
-            "-l",
-            self.log_level,
-            "--log-path",
-            str(self.log_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-        async def admin_ready() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise DemoError(f"envoy exited {self.proc.returncode}: {self.log_tail()}")
-            return admin_path.exists() and bool(admin_path.read_text().strip())
-
-        await eventually(admin_ready, timeout=20, what="baseline envoy admin address")
-        self.admin_url = "http://" + admin_path.read_text().strip()
-        return self
+    def bootstrap_text(self) -> str:
+        return yaml.safe_dump(_plain(self.bootstrap), sort_keys=False)
 
 
 @contextlib.asynccontextmanager

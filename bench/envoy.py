@@ -44,9 +44,13 @@ class Envoy:
         self.proc: asyncio.subprocess.Process | None = None
         self.admin_url = ""
 
+    def bootstrap_text(self) -> str:
+        """The bootstrap to start with: by default, ADS to inferlane from ``opts``."""
+        return bootstrap_yaml(self.opts)
+
     async def start(self) -> Envoy:
         config = self.dir / "bootstrap.yaml"
-        config.write_text(bootstrap_yaml(self.opts))
+        config.write_text(self.bootstrap_text())
         admin_path = self.dir / "admin-address"
         self.log_path = self.dir / "envoy.log"
         self.proc = await asyncio.create_subprocess_exec(
