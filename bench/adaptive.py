@@ -117,6 +117,9 @@ CONTROLLER: Final = AdaptiveSettings(
 SCRAPE_INTERVAL_S: Final = 0.25
 
 CRITICAL: Final = "critical"
+#: The example's pod IPs, moved to addresses of this benchmark's own, so that it never
+#: contends with a demo or a bench.priority run for 127.0.0.11 to 127.0.0.22.
+RELOCATED: Final = MappingProxyType({f"127.0.0.{n}": f"127.0.1.{n}" for n in (11, 12, 13, 21, 22)})
 RATE_LIMIT: Final = "inferlane.io/rate-limit"
 ADAPTIVE_ANNOTATION: Final = "inferlane.io/adaptive"
 GLOBAL_RATE_LIMIT: Final = "inferlane.io/global-rate-limit"
@@ -200,6 +203,26 @@ def annotate_llama(documents: Sequence[Any], annotations: Mapping[str, str | Non
             copy["metadata"] = {**meta, "annotations": current}
         out.append(copy)
     return out
+
+
+def relocate(documents: Sequence[Any], addresses: Mapping[str, str]) -> list[Any]:
+    """A copy of ``documents`` with each Pod's IP replaced as ``addresses`` maps it."""
+    out = []
+    for doc in documents:
+        copy = _plain(doc)
+        status = copy.get("status") if copy.get("kind") == "Pod" else None
+        if isinstance(status, dict):
+            if "podIP" in status:
+                status["podIP"] = addresses.get(status["podIP"], status["podIP"])
+            for entry in status.get("podIPs") or []:
+                entry["ip"] = addresses.get(entry.get("ip"), entry.get("ip"))
+        out.append(copy)
+    return out
+
+
+def bench_pods() -> list[SimConfig]:
+    """The demo's pods, at this benchmark's own addresses."""
+    return [dataclasses.replace(c, host=RELOCATED[c.host]) for c in pod_configs()]
 
 
 async def sheddable_ms(envoy: Envoy) -> float | None:
@@ -318,9 +341,11 @@ async def limits_testbed(opts: AdaptiveBenchOptions) -> AsyncIterator[LimitsBed]
         staged = stage_manifests(EXAMPLE_MANIFESTS, workdir, opts.demo.testbed.max_concurrency)
         documents = [d for d in yaml.safe_load_all(staged.read_text()) if d]
         limit = opts.limit()
-        documents = annotate_llama(documents, {RATE_LIMIT: f"sheddable={limit:g}"})
+        documents = annotate_llama(
+            relocate(documents, RELOCATED), {RATE_LIMIT: f"sheddable={limit:g}"}
+        )
         _write_atomically(staged, documents)
-        pods = await start_pods(pod_configs())
+        pods = await start_pods(bench_pods())
         bed = Testbed(opts.demo.testbed, pods)
         settings = ServeSettings(
             manifests=staged,
@@ -342,12 +367,15 @@ async def limits_testbed(opts: AdaptiveBenchOptions) -> AsyncIterator[LimitsBed]
 
             await eventually(started, timeout=30, what="the control plane")
             async with contextlib.AsyncExitStack() as stack:
-                client_meta, outbound = _sidecar_metadata(CLIENT_IP, CLIENT_SERVICE_ACCOUNT)
+                client_ip = RELOCATED[CLIENT_IP]
+                client_meta, outbound = _sidecar_metadata(client_ip, CLIENT_SERVICE_ACCOUNT)
+                client_id = CLIENT_NODE_ID.replace(CLIENT_IP, client_ip)
                 client = await stack.enter_async_context(
-                    running_envoy(CLIENT_NODE_ID, plane.ports["xds"], metadata=client_meta)
+                    running_envoy(client_id, plane.ports["xds"], metadata=client_meta)
                 )
                 gpu_sidecars = []
-                for name, ip in GPU_PODS:
+                for name, example_ip in GPU_PODS:
+                    ip = RELOCATED[example_ip]
                     meta, _ = _sidecar_metadata(ip, "llama")
                     node_id = f"sidecar~{ip}~{name}.{SERVICE_NAMESPACE}~{SERVICE_NAMESPACE}"
                     node_id += ".svc.cluster.local"
@@ -356,7 +384,7 @@ async def limits_testbed(opts: AdaptiveBenchOptions) -> AsyncIterator[LimitsBed]
                             running_envoy(node_id, plane.ports["xds"], metadata=meta)
                         )
                     )
-                backends = {BASELINE: pod_configs()}
+                backends = {BASELINE: bench_pods()}
                 baseline = await stack.enter_async_context(
                     running_static_envoy(baseline_bootstrap(backends, route_timeout_s=30.0))
                 )
@@ -490,8 +518,8 @@ def _controller_state(plane: ControlPlane) -> AdaptiveSnapshot:
 
 # --- the rate-limit service with Envoy as its client -------------------------------
 
-ECHO_IP: Final = "127.0.0.41"
-RLS_CLIENT_IP: Final = "127.0.0.42"
+ECHO_IP: Final = "127.0.1.41"
+RLS_CLIENT_IP: Final = "127.0.1.42"
 ECHO_HOST: Final = "echo.default.svc.cluster.local"
 
 
