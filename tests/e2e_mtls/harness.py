@@ -8,7 +8,6 @@ port ``http``, which the Service's ``targetPort`` names.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -23,9 +22,9 @@ import aiohttp
 import yaml
 
 from bench.envoy import Envoy
-from bench.wait import eventually
 from mesh.manifests import ManifestSource
 from mtls.ca import CertificateAuthority, IssuedCert
+from tests.e2e import harness as e2e
 from tests.mesh.objects import pod, service
 from xds_server.app import ControlPlane, ServeSettings
 from xds_server.bootstrap import BootstrapOptions, TlsSettings
@@ -108,34 +107,11 @@ def settings(
     )
 
 
-@contextlib.asynccontextmanager
-async def control_plane(
+def control_plane(
     manifest: Path, serve: ServeSettings, **kwargs: Any
-) -> AsyncIterator[ControlPlane]:
+) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
     """A ControlPlane on ``manifest``, in this event loop; yields once its world is loaded."""
-    plane = ControlPlane(serve, ManifestSource(manifest, poll_interval=0.05), **kwargs)
-    task = asyncio.create_task(plane.run(), name="mtls-control-plane")
-
-    async def loaded() -> bool:
-        if task.done():
-            task.result()
-            raise AssertionError("the control plane stopped")
-        return plane.started.is_set() and plane.world is not None
-
-    try:
-        await eventually(loaded, timeout=20, what="the control plane's first world")
-        yield plane
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def admin_text(plane: ControlPlane, path: str) -> str:
-    url = f"http://127.0.0.1:{plane.ports['admin']}{path}"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        assert resp.status == 200, resp.status
-        return await resp.text()
+    return e2e.control_plane(ManifestSource(manifest, poll_interval=0.05), serve, **kwargs)
 
 
 # --- sidecars ----------------------------------------------------------------------------

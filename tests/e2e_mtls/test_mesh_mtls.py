@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from mesh.model import PRIORITY_HEADER
+from tests.e2e.harness import admin_text
 from tests.e2e_mtls.harness import (
     SERVICE_PORT,
     TD,
     XFCC,
     Http,
     Sidecar,
-    admin_text,
     certs,
     client_tls,
     control_plane,

@@ -8,19 +8,16 @@ sidecar over mTLS, as in a real mesh.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from google.protobuf import json_format
 
 from bench.envoy import Envoy
-from bench.wait import eventually
 from mesh.manifests import ManifestSource
+from tests.e2e import harness as e2e
 from xds_server.app import ControlPlane, ServeSettings
 from xds_server.debounce import DebounceSettings
 from xds_server.ratelimits import RateLimitSettings
@@ -41,32 +38,14 @@ def serve_settings(ca_dir: Path, ratelimit: RateLimitSettings) -> ServeSettings:
     )
 
 
-@contextlib.asynccontextmanager
-async def control_plane(manifest: Path, settings: ServeSettings) -> AsyncIterator[ControlPlane]:
+def control_plane(
+    manifest: Path, settings: ServeSettings
+) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
     """A ControlPlane on ``manifest``, in this event loop; yields once its world is loaded."""
-    plane = ControlPlane(settings, ManifestSource(manifest, poll_interval=0.05))
-    task = asyncio.create_task(plane.run(), name="ratelimit-control-plane")
-
-    async def loaded() -> bool:
-        if task.done():
-            task.result()
-            raise AssertionError("the control plane stopped")
-        return plane.started.is_set() and plane.world is not None
-
-    try:
-        await eventually(loaded, timeout=20, what="the control plane's first world")
-        yield plane
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return e2e.control_plane(ManifestSource(manifest, poll_interval=0.05), settings)
 
 
-async def admin_get(plane: ControlPlane, path: str) -> str:
-    url = f"http://127.0.0.1:{plane.ports['admin']}{path}"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        assert resp.status == 200, resp.status
-        return await resp.text()
+admin_get = e2e.admin_text
 
 
 def sample(metrics_text: str, name: str, **labels: str) -> float | None:
