@@ -92,7 +92,7 @@ from mesh.manifests import ManifestSource
 from mesh.model import PRIORITY_HEADER, Priority
 from ratelimit.adaptive import AdaptiveSettings
 from xds_server.app import ControlPlane, ServeSettings
-from xds_server.ratelimits import RateLimitSettings
+from xds_server.rls.runtime import RateLimitSettings
 
 log = logging.getLogger(__name__)
 

@@ -39,14 +39,14 @@ import grpc
 
 from bench.envoy import Envoy
 from bench.wait import eventually
+from mesh import xds as xds_types
 from mesh.manifests import load_world
 from mesh.model import Priority, World
 from mesh.proxy import proxy_from_node
-from xds_server import types
-from xds_server.bootstrap import BootstrapOptions
-from xds_server.cache import ConfigCache
-from xds_server.generator import MeshGenerator
-from xds_server.server import SERVER_OPTIONS, Connection, XdsServer
+from routing.generator import MeshGenerator
+from xds_server.ads.cache import ConfigCache
+from xds_server.ads.server import SERVER_OPTIONS, Connection, XdsServer
+from xds_server.sidecar.bootstrap import BootstrapOptions
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
 
@@ -134,7 +134,7 @@ async def _measure_changes(
     done = asyncio.Event()
 
     def on_ack(conn: Connection, type_url: str, seconds: float | None) -> None:
-        if type_url == types.ROUTE and seconds is not None and conn.id not in acked:
+        if type_url == xds_types.ROUTE and seconds is not None and conn.id not in acked:
             acked.add(conn.id)
             samples.append(seconds)
             if len(acked) >= n:
@@ -196,8 +196,8 @@ async def synthetic_scenario(world: World, n: int, changes: int, rate: float) ->
         node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
         snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
         names = {
-            types.ENDPOINT: sorted(snap.of_type(types.ENDPOINT)),
-            types.ROUTE: sorted(snap.of_type(types.ROUTE)),
+            xds_types.ENDPOINT: sorted(snap.of_type(xds_types.ENDPOINT)),
+            xds_types.ROUTE: sorted(snap.of_type(xds_types.ROUTE)),
         }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(names, f)

@@ -58,7 +58,7 @@ from bench.wait import eventually
 from mesh.manifests import ManifestSource, load_objects
 from mesh.model import PRIORITY_HEADER
 from xds_server.app import ControlPlane, ServeSettings
-from xds_server.bootstrap import BootstrapOptions
+from xds_server.sidecar.bootstrap import BootstrapOptions
 
 log = logging.getLogger(__name__)
 

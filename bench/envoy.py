@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from bench.wait import eventually
-from xds_server.bootstrap import BootstrapOptions, bootstrap_yaml
+from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap_yaml
 
 
 class EnvoyMissing(RuntimeError):

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from mesh import xds
 from mesh.model import (
     PRIORITIES,
     Endpoint,
@@ -48,10 +49,9 @@ from mesh.model import (
 from mesh.sources import Publish
 from mtls.sds import SECRET_NAMES
 from routing import names
-from xds_server import types
+from xds_server.ads.debounce import DebounceSettings
+from xds_server.ads.server import Connection
 from xds_server.app import ControlPlane, ServeSettings
-from xds_server.debounce import DebounceSettings
-from xds_server.server import Connection
 
 NAMESPACE = "bench"
 SERVICE = "llama"
@@ -85,11 +85,11 @@ def subscriptions() -> dict[str, list[str]]:
     """What each synthetic proxy asks for by name (CDS and LDS are wildcard)."""
     host = f"{SERVICE}.{NAMESPACE}.svc.cluster.local"
     return {
-        types.CLUSTER: [],
-        types.LISTENER: [],
-        types.ENDPOINT: [names.outbound_cluster(PORT, p, host) for p in PRIORITIES],
-        types.ROUTE: [names.INBOUND_ROUTE, names.OUTBOUND_ROUTE],
-        types.SECRET: sorted(SECRET_NAMES),
+        xds.CLUSTER: [],
+        xds.LISTENER: [],
+        xds.ENDPOINT: [names.outbound_cluster(PORT, p, host) for p in PRIORITIES],
+        xds.ROUTE: [names.INBOUND_ROUTE, names.OUTBOUND_ROUTE],
+        xds.SECRET: sorted(SECRET_NAMES),
     }
 
 
@@ -183,7 +183,7 @@ class AckTracker:
         plane.xds.on_ack = self.on_ack
 
     def _acked(self, conn: Connection) -> str:
-        state = conn.state.types.get(types.SECRET)
+        state = conn.state.types.get(xds.SECRET)
         return state.acked_version if state is not None else ""
 
     def start(self) -> None:
@@ -192,7 +192,7 @@ class AckTracker:
         self.all_acked.clear()
 
     def on_ack(self, conn: Connection, type_url: str, _seconds: float | None) -> None:
-        if type_url != types.SECRET or conn.id not in self.baseline:
+        if type_url != xds.SECRET or conn.id not in self.baseline:
             return
         if self._acked(conn) != self.baseline[conn.id]:
             self.done.add(conn.id)
@@ -206,7 +206,7 @@ async def _all_have_secrets(plane: ControlPlane, streams: int, within_s: float) 
         acked = [
             c
             for c in plane.xds.connections.values()
-            if (s := c.state.types.get(types.SECRET)) is not None and s.acked_version
+            if (s := c.state.types.get(xds.SECRET)) is not None and s.acked_version
         ]
         if len(acked) >= streams:
             return

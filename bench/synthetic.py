@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from xds_server import types
+from mesh import xds
 
 
 def _node_id(i: int) -> str:
@@ -42,7 +42,7 @@ class SyntheticStream:
 
     def _subscriptions(self) -> list[discovery_pb2.DiscoveryRequest]:
         out = []
-        for type_url in (types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE):
+        for type_url in (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE):
             out.append(
                 discovery_pb2.DiscoveryRequest(
                     type_url=type_url, resource_names=self.names.get(type_url, [])

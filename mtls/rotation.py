@@ -21,11 +21,10 @@ from datetime import datetime, timedelta
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from mtls.ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, Clock, IssuedCert, renew_at, utcnow
+from mtls.identity import Identity
 from mtls.sds import secrets_for
 
 log = logging.getLogger(__name__)
-
-Identity = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class WorkloadCertificates:
 
         Raises :class:`mtls.ca.BadIdentity` for names that cannot form a SPIFFE ID.
         """
-        identity = (namespace, service_account)
+        identity = Identity(namespace, service_account)
         entry = self._entries.get(identity)
         if entry is None or entry.due <= self._clock():
             entry = self._issue(identity)
@@ -93,7 +92,7 @@ class WorkloadCertificates:
 
     def forget(self, namespace: str, service_account: str) -> None:
         """Drop an identity no proxy uses any more; it is issued afresh if asked again."""
-        self._entries.pop((namespace, service_account), None)
+        self._entries.pop(Identity(namespace, service_account), None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,4 +1,5 @@
-"""One CA shared by every control-plane replica, kept in a Kubernetes Secret.
+"""Where the mesh CA comes from: a Kubernetes Secret every replica shares, a directory, or
+memory (:func:`load_ca`).
 
 The Secret has cert-manager's form (type ``kubernetes.io/tls``: ``tls.crt``, ``tls.key``,
 ``ca.crt``), so it can equally be one that cert-manager issues: a root or an intermediate.
@@ -8,15 +9,21 @@ the Secret; a replica that finds none generates a CA and tries to create it; the
 server accepts exactly one create, and a replica that gets 409 Conflict reads the
 winner's CA instead of its own. An existing Secret is never overwritten, even when it
 cannot be used.
+
+With ``--ca-dir`` the CA is created in that directory on first start and kept across
+restarts; with neither, it lives only as long as the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 import aiohttp
 from kubernetes.aio.client import ApiException, V1ObjectMeta, V1Secret
@@ -30,6 +37,10 @@ SECRET_TYPE = "kubernetes.io/tls"
 SECRET_LABELS: Mapping[str, str] = {"app.kubernetes.io/managed-by": "inferlane"}
 HTTP_NOT_FOUND = 404
 HTTP_CONFLICT = 409
+#: Where a Pod finds its own namespace (for a ``--ca-secret`` given without one).
+SERVICE_ACCOUNT_NAMESPACE_FILE: Final = Path(
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+)
 
 
 class CaStoreError(MtlsError):
@@ -136,3 +147,52 @@ async def load_or_create_shared_ca(
             return ca
         log.info("another replica created Secret %s/%s first; reading it", namespace, name)
     raise CaStoreError(f"Secret {namespace}/{name} was neither readable nor creatable")
+
+
+def parse_secret_ref(text: str, default_namespace: str) -> tuple[str, str] | str:
+    """``[NAMESPACE/]NAME`` -> (namespace, name), or what is wrong."""
+    namespace, slash, name = text.strip().rpartition("/")
+    if not slash:
+        namespace = default_namespace
+    if not name or not namespace or "/" in namespace:
+        return f"{text!r} is not NAME or NAMESPACE/NAME"
+    return namespace, name
+
+
+def own_namespace() -> str:
+    """The namespace this process runs in: ``POD_NAMESPACE``, the service-account
+    namespace file, or ``default``."""
+    from_env = os.environ.get("POD_NAMESPACE", "").strip()
+    if from_env:
+        return from_env
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE_FILE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+async def load_ca(
+    *,
+    ca_secret: str | None = None,
+    ca_dir: Path | None = None,
+    secrets_api: SecretsApi | None = None,
+) -> CertificateAuthority:
+    """The mesh CA: from ``--ca-secret``, else ``--ca-dir``, else a new in-memory one.
+
+    Raises :class:`mtls.ca.MtlsError` (a CA that cannot be loaded or stored) with a
+    message naming the input.
+    """
+    if ca_secret:
+        ref = parse_secret_ref(ca_secret, own_namespace())
+        if isinstance(ref, str):
+            raise CaLoadError(f"--ca-secret: {ref}")
+        if secrets_api is None:
+            raise CaLoadError("--ca-secret needs the Kubernetes API")
+        return await load_or_create_shared_ca(secrets_api, *ref)
+    if ca_dir is not None:
+        return await asyncio.to_thread(CertificateAuthority.load_or_create, ca_dir)
+    log.warning(
+        "no --ca-dir or --ca-secret: the mesh CA lives only as long as this process, and "
+        "proxies must be given the new root after a restart"
+    )
+    return CertificateAuthority.generate()

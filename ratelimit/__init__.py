@@ -7,6 +7,6 @@
 - :mod:`ratelimit.adaptive`: the per-endpoint AIMD controller and per-class limits.
 - :mod:`ratelimit.scrape`: reading vLLM's saturation gauges from ``/metrics``.
 
-The gRPC service that serves the rules lives in ``xds_server.rls``: this package never
+The gRPC service that serves the rules lives in ``xds_server.rls.service``: this package never
 imports gRPC.
 """

@@ -15,18 +15,11 @@ from google.protobuf.message import Message
 
 from mesh.model import PRIORITIES, InferenceService, World
 from mesh.proxy import Proxy
-from routing import (
-    clusters,
-    endpoints,
-    listeners,
-    names,
-    proxyless,
-    ratelimits,
-    routes,
-    security,
-)
+from routing import clusters, endpoints, listeners, names, proxyless, routes
 from routing.catalog import served_ports, served_services
+from routing.limits import RateLimitOptions, apply_limits
 from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from routing.secure import SecurityOptions, secure
 
 __all__ = [
     "CLUSTER_TYPE",
@@ -106,15 +99,15 @@ def generate(
     proxy: Proxy,
     sidecars: Mapping[tuple[str, str], Proxy],
     *,
-    tls: security.SecurityOptions | None = None,
-    limits: ratelimits.RateLimitOptions | None = None,
+    tls: SecurityOptions | None = None,
+    limits: RateLimitOptions | None = None,
 ) -> dict[str, list[Message]]:
     """Every listener, route configuration, cluster and load assignment ``proxy`` gets.
 
     ``sidecars`` maps ``(namespace, pod)`` to the connected sidecar of that pod: endpoints
     of such pods are addressed at the sidecar's inbound listener. Mesh mTLS is added last
-    (:mod:`routing.security`), with ``tls`` giving the trust domain and connection lifetime;
-    then rate limits (:mod:`routing.ratelimits`), with ``limits`` giving the rate-limit
+    (:mod:`routing.secure`), with ``tls`` giving the trust domain and connection lifetime;
+    then rate limits (:mod:`routing.limits`), with ``limits`` giving the rate-limit
     service's address and the adaptive multipliers.
     """
     services = served_services(world)
@@ -144,5 +137,5 @@ def generate(
         CLUSTER_TYPE: sorted(cluster_list, key=resource_name),
         ENDPOINT_TYPE: sorted(assignments, key=resource_name),
     }
-    secured = security.secure(generated, world, proxy, sidecars, tls)
-    return ratelimits.apply(secured, world, proxy, limits)
+    secured = secure(generated, world, proxy, sidecars, tls)
+    return apply_limits(secured, world, proxy, limits)

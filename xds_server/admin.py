@@ -18,9 +18,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from xds_server import types
-from xds_server.server import XdsServer
-from xds_server.snapshot import decode
+from mesh import xds
+from xds_server.ads.server import XdsServer
+from xds_server.ads.snapshot import decode
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Admin:
                 {
                     "node_id": conn.proxy.node_id,
                     "mode": "delta" if conn.delta else "sotw",
-                    "types": {types.short(t): v | {"type_url": t} for t, v in status.items()},
+                    "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
                 }
             )
         return _json(out)
@@ -126,7 +126,7 @@ class Admin:
                 "node_id": node_id,
                 "generation": snapshot.generation if snapshot else None,
                 "resources": {
-                    types.short(t): {
+                    xds.short(t): {
                         name: {"version": r.version, "resource": decode(r)}
                         for name, r in sorted(by_name.items())
                     }

@@ -2,10 +2,10 @@
 
 Data flows one way. A source publishes Worlds; each publish (and each sidecar connecting
 or leaving, since endpoints address connected sidecars) triggers the debouncer; a flush
-installs a new :class:`~xds_server.generator.MeshGenerator` in the cache and wakes every
+installs a new :class:`~routing.generator.MeshGenerator` in the cache and wakes every
 stream, which pulls its snapshot when its push runs.
 
-Mesh security (``xds_server/security.py``) is set up first: the CA, the workload secrets
+Mesh security (``mtls`` and ``xds_server/auth``) is set up first: the CA, the workload secrets
 (whose renewals trigger the debouncer like any other change), the TLS xDS port in front of
 the gRPC server, and the authorizer every stream passes.
 
@@ -33,24 +33,20 @@ from aiohttp import web
 
 from mesh.model import World
 from mesh.sources import WorldSource
-from routing.security import SecurityOptions, workload_identity
+from mtls.identity import Identity, workload_identity
+from mtls.secrets import SecretStore
+from mtls.store import load_ca
+from mtls.tokens import KubernetesTokenReviewer, TokenReviewer
+from routing.generator import MeshGenerator
+from routing.secure import SecurityOptions
 from xds_server.admin import Admin, serving_admin
-from xds_server.cache import ConfigCache
-from xds_server.debounce import Debouncer, DebounceSettings
-from xds_server.generator import MeshGenerator
-from xds_server.ratelimits import RateLimitRuntime, RateLimitSettings
-from xds_server.security import (
-    Identity,
-    KubernetesTokenReviewer,
-    MeshAuthorizer,
-    SecretStore,
-    SecuritySettings,
-    TlsFront,
-    TokenReviewer,
-    load_ca,
-    server_ssl_context,
-)
-from xds_server.server import SERVER_OPTIONS, ServerSettings, XdsServer
+from xds_server.ads.cache import ConfigCache
+from xds_server.ads.debounce import Debouncer, DebounceSettings
+from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
+from xds_server.auth.authorizer import MeshAuthorizer
+from xds_server.auth.settings import SecuritySettings
+from xds_server.auth.tls_front import TlsFront, server_ssl_context
+from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +204,11 @@ class ControlPlane:
         if self.secrets is None:
             return web.json_response({"ready": False})
         identities = []
-        for namespace, account in self.secrets.identities():
-            bundle = self.secrets.bundle((namespace, account))
+        for identity in self.secrets.identities():
+            bundle = self.secrets.bundle(identity)
             identities.append(
                 {
-                    "identity": f"{namespace}/{account}",
+                    "identity": str(identity),
                     "serial": f"{bundle.serial:x}",
                     "not_after": bundle.not_after.isoformat(),
                 }
@@ -247,7 +243,11 @@ class ControlPlane:
 
         sec = self.settings.security
         api = await self._kubernetes_api(stack)
-        ca = await load_ca(sec, CoreV1Api(api) if api is not None else None)
+        ca = await load_ca(
+            ca_secret=sec.ca_secret,
+            ca_dir=sec.ca_dir,
+            secrets_api=CoreV1Api(api) if api is not None else None,
+        )
         log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
         self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl)
         self.secrets.on_change = self.debouncer.trigger
@@ -278,7 +278,7 @@ class ControlPlane:
         )
         self.xds.add_to(grpc_server)
         xds_port = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
-        # The TLS front relays to this loopback-only port (see xds_server/security.py).
+        # The TLS front relays to this loopback-only port (see xds_server/auth/tls_front.py).
         relay_port = (
             grpc_server.add_insecure_port("127.0.0.1:0") if s.xds_tls_port is not None else None
         )

@@ -33,7 +33,7 @@ from tests.chart.render import (
     validate,
 )
 from xds_server.cli import build_parser
-from xds_server.inject import add_inject_parser
+from xds_server.sidecar.inject import add_inject_parser
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "default.yaml"
 UPDATE_ENV = "INFERLANE_UPDATE_SNAPSHOTS"

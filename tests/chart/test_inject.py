@@ -31,7 +31,8 @@ from mesh.proxy import ProxyKind, proxy_from_node
 from mtls.ca import CertificateAuthority
 from tests.chart.render import Obj, validate
 from tests.support.envoy import require_envoy
-from xds_server.inject import (
+from xds_server.auth.settings import DEFAULT_SERVER_NAMES
+from xds_server.sidecar.inject import (
     SIDECAR_NAME,
     TEMPLATE_PATHS,
     TOKEN_AUDIENCE,
@@ -44,7 +45,6 @@ from xds_server.inject import (
     main,
     split_documents,
 )
-from xds_server.security import DEFAULT_SERVER_NAMES
 
 HERE = Path(__file__).parent
 WORKLOADS = (HERE / "manifests" / "workloads.yaml").read_text(encoding="utf-8")

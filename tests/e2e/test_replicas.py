@@ -29,7 +29,7 @@ from tests.e2e.test_restart import LLAMA, TYPES, Serve, Steady, _wait_reconnecte
 from tests.support.backends import echo_server
 from tests.support.envoy import require_envoy, running_envoy
 from tests.support.wait import eventually
-from xds_server.bootstrap import BootstrapOptions, bootstrap
+from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap
 
 pytestmark = pytest.mark.envoy
 

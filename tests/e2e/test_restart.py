@@ -34,7 +34,7 @@ from tests.e2e.harness import (
 from tests.support.backends import echo_server
 from tests.support.envoy import require_envoy, running_envoy
 from tests.support.wait import eventually
-from xds_server.bootstrap import BootstrapOptions, bootstrap
+from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap
 
 pytestmark = pytest.mark.envoy
 

@@ -26,10 +26,10 @@ from mesh.manifests import ManifestSource
 from mtls.ca import CertificateAuthority, IssuedCert
 from tests.e2e import harness as e2e
 from tests.mesh.objects import pod, service
+from xds_server.ads.debounce import DebounceSettings
 from xds_server.app import ControlPlane, ServeSettings
-from xds_server.bootstrap import BootstrapOptions, TlsSettings
-from xds_server.debounce import DebounceSettings
-from xds_server.security import SecuritySettings
+from xds_server.auth.settings import SecuritySettings
+from xds_server.sidecar.bootstrap import BootstrapOptions, TlsSettings
 
 TD = "cluster.local"
 SERVICE_PORT = 8000

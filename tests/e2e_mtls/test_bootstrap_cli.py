@@ -12,7 +12,8 @@ import yaml
 
 from bench.envoy import envoy_binary
 from mtls.ca import CertificateAuthority
-from xds_server.bootstrap import (
+from xds_server.cli import build_parser, main
+from xds_server.sidecar.bootstrap import (
     XDS_CLUSTER,
     BootstrapError,
     BootstrapOptions,
@@ -20,7 +21,6 @@ from xds_server.bootstrap import (
     bootstrap,
     bootstrap_yaml,
 )
-from xds_server.cli import build_parser, main
 
 NODE = "sidecar~10.0.0.1~chat-0.default~default.svc.cluster.local"
 

@@ -1,4 +1,4 @@
-"""xds_server.security and the generator's secrets, without Envoy: parsing, the secret
+"""xds_server.auth.authorizer and the generator's secrets, without Envoy: parsing, the secret
 store and its renewal, token reviews against a fake API server, and the authorizer."""
 
 from __future__ import annotations
@@ -22,27 +22,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.aio.client import ApiClient, AuthenticationV1Api, Configuration
 
+from mesh import xds
 from mesh.model import Workload, World
 from mesh.proxy import Proxy
 from mtls.ca import CaLoadError, CertificateAuthority, IssuedCert
+from mtls.identity import Identity
+from mtls.secrets import SecretStore
+from mtls.store import load_ca, parse_secret_ref
+from mtls.tokens import KubernetesTokenReviewer, TokenIdentity, bearer_token
+from routing.generator import MeshGenerator
 from tests.mtls.fake_kube import FakeSecretsServer, core_api, serve
 from tests.routing.factories import endpoint, proxy, service
-from xds_server import types
-from xds_server.generator import MeshGenerator
-from xds_server.security import (
-    KubernetesTokenReviewer,
-    MeshAuthorizer,
-    SecretStore,
-    SecuritySettings,
-    TlsPeer,
-    TokenIdentity,
-    bearer_token,
-    load_ca,
-    parse_grpc_peer,
-    parse_networks,
-    parse_secret_ref,
-)
-from xds_server.server import Refusal
+from xds_server.ads.server import Refusal
+from xds_server.auth.authorizer import MeshAuthorizer
+from xds_server.auth.settings import SecuritySettings, parse_networks
+from xds_server.auth.tls_front import TlsPeer, parse_grpc_peer
 
 TD = "cluster.local"
 
@@ -113,26 +107,25 @@ def test_secret_refs() -> None:
 
 
 async def test_ca_dir_keeps_its_root(tmp_path: Path) -> None:
-    first = await load_ca(SecuritySettings(ca_dir=tmp_path / "ca"))
-    second = await load_ca(SecuritySettings(ca_dir=tmp_path / "ca"))
+    first = await load_ca(ca_dir=tmp_path / "ca")
+    second = await load_ca(ca_dir=tmp_path / "ca")
     assert first.root_fingerprint == second.root_fingerprint
 
 
 async def test_ca_secret_is_created_once_and_shared() -> None:
     fake = FakeSecretsServer()
-    settings = SecuritySettings(ca_secret="inferlane/mesh-ca")
     async with serve(fake) as url, core_api(url) as api:
-        first = await load_ca(settings, api)
-        second = await load_ca(settings, api)
+        first = await load_ca(ca_secret="inferlane/mesh-ca", secrets_api=api)
+        second = await load_ca(ca_secret="inferlane/mesh-ca", secrets_api=api)
     assert first.root_fingerprint == second.root_fingerprint
     assert ("inferlane", "mesh-ca") in fake.secrets and fake.creates == 1
 
 
 async def test_ca_secret_errors_are_clear() -> None:
     with pytest.raises(CaLoadError, match="Kubernetes API"):
-        await load_ca(SecuritySettings(ca_secret="mesh-ca"))
+        await load_ca(ca_secret="mesh-ca")
     with pytest.raises(CaLoadError, match="NAMESPACE/NAME"):
-        await load_ca(SecuritySettings(ca_secret="a/b/c"), object())  # type: ignore[arg-type]
+        await load_ca(ca_secret="a/b/c", secrets_api=object())  # type: ignore[arg-type]
 
 
 def test_connection_lifetime_follows_the_certificate_lifetime() -> None:
@@ -153,24 +146,24 @@ def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) ->
     store = SecretStore(ca, TD)
     changes: list[int] = []
     store.on_change = lambda: changes.append(1)
-    first = store.bundle(("default", "llama"))
-    assert store.bundle(("default", "llama")) is first
+    first = store.bundle(Identity("default", "llama"))
+    assert store.bundle(Identity("default", "llama")) is first
     assert [s.name for s in first.secrets] == ["default", "ROOTCA"]
     assert _leaf(first.secrets).serial_number == first.serial
-    other = store.bundle(("default", "chat"))
+    other = store.bundle(Identity("default", "chat"))
     assert other.serial != first.serial and store.identities() == [
         ("default", "chat"),
         ("default", "llama"),
     ]
     assert store.rotate_all() == 2 and changes == [1]
-    assert store.bundle(("default", "llama")).serial != first.serial
+    assert store.bundle(Identity("default", "llama")).serial != first.serial
 
 
 def test_unused_identities_are_dropped_at_renewal(ca: CertificateAuthority) -> None:
     store = SecretStore(ca, TD)
-    store.bundle(("default", "llama"))
-    store.bundle(("default", "chat"))
-    assert store.renew_due(in_use={("default", "chat")}) == []
+    store.bundle(Identity("default", "llama"))
+    store.bundle(Identity("default", "chat"))
+    assert store.renew_due(in_use={Identity("default", "chat")}) == []
     assert store.identities() == [("default", "chat")]
 
 
@@ -180,8 +173,8 @@ async def test_renewal_at_half_life_calls_on_change(
     store = SecretStore(ca, TD, ttl=timedelta(seconds=1))
     changed = asyncio.Event()
     store.on_change = changed.set
-    first = store.bundle(("default", "llama"))
-    task = asyncio.create_task(store.run(lambda: {("default", "llama")}))
+    first = store.bundle(Identity("default", "llama"))
+    task = asyncio.create_task(store.run(lambda: {Identity("default", "llama")}))
     try:
         async with asyncio.timeout(5):
             await changed.wait()
@@ -190,15 +183,15 @@ async def test_renewal_at_half_life_calls_on_change(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert store.renewed >= 1
-    assert store.bundle(("default", "llama")).serial != first.serial
+    assert store.bundle(Identity("default", "llama")).serial != first.serial
 
 
 async def test_renewal_never_spins(ca: CertificateAuthority) -> None:
     """A certificate so short-lived that it is due again at once: the renewal loop still
     waits its minimum interval between passes."""
     store = SecretStore(ca, TD, ttl=timedelta(milliseconds=100))
-    store.bundle(("default", "llama"))
-    task = asyncio.create_task(store.run(lambda: {("default", "llama")}))
+    store.bundle(Identity("default", "llama"))
+    task = asyncio.create_task(store.run(lambda: {Identity("default", "llama")}))
     await asyncio.sleep(1.0)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -228,13 +221,13 @@ def test_generator_serves_own_secrets_and_keys_on_the_certificate(
     one, two = proxy(pod="client-0"), proxy(pod="client-1", ip="10.1.0.2")
     assert generator.key(one) == generator.key(two)
     resources = generator.generate(one)
-    assert _leaf(resources[types.SECRET]).extensions.get_extension_for_class(
+    assert _leaf(resources[xds.SECRET]).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     ).value.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://cluster.local/ns/default/sa/chat"
     ]
     stranger = proxy(pod="stranger-0")
-    assert types.SECRET not in generator.generate(stranger)
+    assert xds.SECRET not in generator.generate(stranger)
     assert generator.key(stranger) != generator.key(one)
 
     # A rotation is a new generation with the same routing: only the key's serial moves.
@@ -242,17 +235,17 @@ def test_generator_serves_own_secrets_and_keys_on_the_certificate(
     after = MeshGenerator(world, sidecars, store, previous=generator)
     assert after.key(one) != generator.key(one)
     again = after.generate(one)
-    for type_url in (types.CLUSTER, types.LISTENER, types.ROUTE, types.ENDPOINT):
+    for type_url in (xds.CLUSTER, xds.LISTENER, xds.ROUTE, xds.ENDPOINT):
         assert again[type_url] is resources[type_url]
-    assert _leaf(again[types.SECRET]).serial_number != _leaf(resources[types.SECRET]).serial_number
+    assert _leaf(again[xds.SECRET]).serial_number != _leaf(resources[xds.SECRET]).serial_number
 
 
 def test_generator_without_secrets_sends_no_mtls_config() -> None:
     world = _world({"client-0": "chat", "gpu-0": "llama"})
     sidecars = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1")}
     resources = MeshGenerator(world, sidecars).generate(proxy(pod="client-0"))
-    assert types.SECRET not in resources
-    assert not any(c.transport_socket_matches for c in resources[types.CLUSTER])
+    assert xds.SECRET not in resources
+    assert not any(c.transport_socket_matches for c in resources[xds.CLUSTER])
 
 
 # --------------------------------------------------------------------------- token reviews

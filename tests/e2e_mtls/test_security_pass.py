@@ -1,4 +1,4 @@
-"""routing.security: the pure mTLS pass, table-style, without a proxy."""
+"""routing.secure: the pure mTLS pass, table-style, without a proxy."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from mesh.model import MtlsMode, Priority, Workload, World
 from mesh.proxy import Proxy
+from mtls.identity import workload_identity
 from routing import names, resource_name, simulate
-from routing.security import (
+from routing.secure import (
     AUTHENTICATED_POLICY,
     CRITICAL_CALLERS_POLICY,
     PLAINTEXT_CHAIN,
@@ -29,7 +30,6 @@ from routing.security import (
     TLS_MODE_MATCH,
     SecurityOptions,
     caller_principal,
-    workload_identity,
 )
 from tests.routing.factories import build, config, endpoint, gateway, proxy, service
 

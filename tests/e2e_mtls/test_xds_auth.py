@@ -22,8 +22,10 @@ from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from mesh import xds
 from mtls.ca import CertificateAuthority, IssuedCert
 from mtls.sds import ROOT_SECRET, WORKLOAD_SECRET
+from mtls.tokens import TokenIdentity
 from tests.e2e_mtls.harness import (
     TD,
     Sidecar,
@@ -38,10 +40,8 @@ from tests.e2e_mtls.harness import (
 )
 from tests.support.envoy import require_envoy
 from tests.support.wait import eventually
-from xds_server import types
 from xds_server.app import ControlPlane
-from xds_server.bootstrap import TlsSettings
-from xds_server.security import TokenIdentity
+from xds_server.sidecar.bootstrap import TlsSettings
 
 pytestmark = pytest.mark.envoy
 
@@ -105,7 +105,7 @@ async def secrets_over_tls(
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         call = stub.StreamAggregatedResources(metadata=metadata)
         request = discovery_pb2.DiscoveryRequest(
-            type_url=types.SECRET, resource_names=[WORKLOAD_SECRET, ROOT_SECRET]
+            type_url=xds.SECRET, resource_names=[WORKLOAD_SECRET, ROOT_SECRET]
         )
         request.node.id = node
         try:
@@ -250,7 +250,7 @@ async def test_envoys_over_tls_and_from_outside_the_plaintext_allowlist(tmp_path
                 conn = plane.xds.find(sidecar.node_id)
                 if conn is None:
                     return False
-                lds = conn.state.types.get(types.LISTENER)
+                lds = conn.state.types.get(xds.LISTENER)
                 return lds is not None and bool(lds.acked_version)
 
             await eventually(listeners_acked, timeout=15, what="plaintext Envoy synced")
@@ -258,6 +258,6 @@ async def test_envoys_over_tls_and_from_outside_the_plaintext_allowlist(tmp_path
             assert conn is not None and conn.peer.startswith(f"ipv4:{OUTSIDER}:")
             assert not conn.proxy.secrets_allowed
             assert conn.state.snapshot is not None
-            assert not conn.state.snapshot.of_type(types.SECRET)
+            assert not conn.state.snapshot.of_type(xds.SECRET)
             assert (await certs(envoy))["chain"] == []
             assert await sds_sans(envoy) == []

@@ -18,10 +18,10 @@ from google.protobuf import json_format
 from bench.envoy import Envoy
 from mesh.manifests import ManifestSource
 from tests.e2e import harness as e2e
+from xds_server.ads.debounce import DebounceSettings
 from xds_server.app import ControlPlane, ServeSettings
-from xds_server.debounce import DebounceSettings
-from xds_server.ratelimits import RateLimitSettings
-from xds_server.security import SecuritySettings
+from xds_server.auth.settings import SecuritySettings
+from xds_server.rls.runtime import RateLimitSettings
 
 LOCAL_FILTER = "envoy.filters.http.local_ratelimit"
 

@@ -38,7 +38,7 @@ from tests.e2e_ratelimit.harness import (
 from tests.support.backends import echo_server
 from tests.support.envoy import require_envoy
 from tests.support.wait import eventually
-from xds_server.ratelimits import RateLimitSettings
+from xds_server.rls.runtime import RateLimitSettings
 
 pytestmark = pytest.mark.envoy
 

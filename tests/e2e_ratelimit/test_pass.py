@@ -26,11 +26,11 @@ from mesh.model import Priority, ServiceConfig, World
 from mesh.proxy import Proxy
 from ratelimit.local import LOCAL_RATELIMIT_FILTER
 from routing import generate, names
-from routing.ratelimits import (
+from routing.limits import (
     RLS_CLUSTER,
     RateLimitOptions,
     RlsAddress,
-    apply,
+    apply_limits,
     endpoint_key,
     limit_key,
 )
@@ -150,7 +150,7 @@ def test_no_rate_limit_leaves_config_untouched() -> None:
     the_world = llama(_cfg())
     who = proxy(ip="10.0.0.1", pod="gpu-0")
     plain = generate(the_world, who, {})
-    assert apply(plain, the_world, who, RateLimitOptions(rls=RLS)) == {
+    assert apply_limits(plain, the_world, who, RateLimitOptions(rls=RLS)) == {
         t: list(m) for t, m in plain.items()
     }
 
@@ -270,7 +270,7 @@ def test_proxyless_clients_get_nothing() -> None:
     the_world = llama(cfg)
     who = proxy(proxyless=True)
     plain = generate(the_world, who, {})
-    assert apply(plain, the_world, who, RateLimitOptions(rls=RLS)) == {
+    assert apply_limits(plain, the_world, who, RateLimitOptions(rls=RLS)) == {
         t: list(m) for t, m in plain.items()
     }
 
@@ -288,7 +288,7 @@ def test_the_pass_is_deterministic_and_idempotent() -> None:
     options = RateLimitOptions(rls=RLS)
     once = build(the_world, who, options)
     assert _bytes(once) == _bytes(build(the_world, who, options))
-    assert _bytes(apply(once, the_world, who, options)) == _bytes(once)
+    assert _bytes(apply_limits(once, the_world, who, options)) == _bytes(once)
 
 
 @settings(max_examples=60, deadline=None)

@@ -17,7 +17,7 @@ from aiohttp import web
 from mesh.model import Endpoint, InferenceService, Priority, ServiceConfig, ServicePort, World
 from ratelimit.adaptive import AdaptiveSettings
 from ratelimit.rules import rules_from_world
-from xds_server.ratelimits import RateLimitRuntime, RateLimitSettings, adaptive_targets
+from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings, adaptive_targets
 
 HOSTS = ("127.0.74.1", "127.0.74.2", "127.0.74.3")
 #: Scrapes being answered right now, across every fake server, and the most seen at once.

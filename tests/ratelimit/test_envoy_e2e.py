@@ -45,7 +45,7 @@ from ratelimit.local import (
     route_rate_limits,
 )
 from ratelimit.rules import rules_from_world
-from xds_server.rls import RateLimitService, start_rls_server
+from xds_server.rls.service import RateLimitService, start_rls_server
 
 pytestmark = pytest.mark.envoy
 

@@ -18,7 +18,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from mesh.model import InferenceService, Priority, ServiceConfig, World
 from ratelimit.counters import Counters, InMemoryCounters, RateLimitMetrics, RedisCounters
 from ratelimit.rules import RuleSet, rules_from_world
-from xds_server.rls import RateLimitService, start_rls_server
+from xds_server.rls.service import RateLimitService, start_rls_server
 
 from .conftest import RedisServer
 

@@ -23,10 +23,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2, duration_pb2
 
+from mesh import xds
 from mesh.proxy import Proxy
-from xds_server import types
-from xds_server.cache import ConfigCache
-from xds_server.server import XdsServer
+from xds_server.ads.cache import ConfigCache
+from xds_server.ads.server import XdsServer
 
 LISTENER_NAME = "test-listener"
 ROUTE_NAME = "test-routes"
@@ -177,10 +177,10 @@ class StaticGenerator:
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
         cfg = self.cfg
         return {
-            types.LISTENER: [listener(cfg)],
-            types.ROUTE: [route(cfg)],
-            types.CLUSTER: [cluster(cfg, n) for n in sorted(cfg.clusters)],
-            types.ENDPOINT: [assignment(n, hosts) for n, hosts in sorted(cfg.clusters.items())],
+            xds.LISTENER: [listener(cfg)],
+            xds.ROUTE: [route(cfg)],
+            xds.CLUSTER: [cluster(cfg, n) for n in sorted(cfg.clusters)],
+            xds.ENDPOINT: [assignment(n, hosts) for n, hosts in sorted(cfg.clusters.items())],
         }
 
 

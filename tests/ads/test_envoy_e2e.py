@@ -12,7 +12,7 @@ from tests.support.config import LISTENER_NAME, StaticConfig, StaticGenerator, s
 from tests.support.envoy import running_envoy
 from tests.support.http import get
 from tests.support.wait import eventually
-from xds_server.cache import ConfigCache
+from xds_server.ads.cache import ConfigCache
 
 pytestmark = pytest.mark.envoy
 

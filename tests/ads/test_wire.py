@@ -7,8 +7,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xds_server import types, wire
-from xds_server.snapshot import ResourceInterner
+from mesh import xds
+from xds_server.ads import wire
+from xds_server.ads.snapshot import ResourceInterner
 
 names = st.text(min_size=1, max_size=40)
 
@@ -18,13 +19,13 @@ def test_sotw_response_round_trips(cluster_names: list[str], version: str, nonce
     interner = ResourceInterner()
     resources = [interner.make(cluster_pb2.Cluster(name=n)) for n in cluster_names]
     payload = wire.discovery_response(
-        version, types.CLUSTER, nonce, (r.sotw_field for r in resources)
+        version, xds.CLUSTER, nonce, (r.sotw_field for r in resources)
     )
     parsed = discovery_pb2.DiscoveryResponse.FromString(payload)
     assert parsed.version_info == version
-    assert parsed.type_url == types.CLUSTER
+    assert parsed.type_url == xds.CLUSTER
     assert parsed.nonce == nonce
-    assert [a.type_url for a in parsed.resources] == [types.CLUSTER] * len(cluster_names)
+    assert [a.type_url for a in parsed.resources] == [xds.CLUSTER] * len(cluster_names)
     decoded = [cluster_pb2.Cluster.FromString(a.value).name for a in parsed.resources]
     assert decoded == cluster_names
 
@@ -36,7 +37,7 @@ def test_delta_response_round_trips(
     interner = ResourceInterner()
     resources = [interner.make(cluster_pb2.Cluster(name=n)) for n in cluster_names]
     payload = wire.delta_discovery_response(
-        "sys", types.CLUSTER, nonce, (r.delta_field for r in resources), removed
+        "sys", xds.CLUSTER, nonce, (r.delta_field for r in resources), removed
     )
     parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(payload)
     assert parsed.system_version_info == "sys"
@@ -46,7 +47,7 @@ def test_delta_response_round_trips(
         (x.name, x.version) for x in resources
     ]
     for got, res in zip(parsed.resources, resources, strict=True):
-        assert got.resource.type_url == types.CLUSTER
+        assert got.resource.type_url == xds.CLUSTER
         assert got.resource.value == res.body
 
 
@@ -75,7 +76,7 @@ def test_varint_matches_protobuf() -> None:
 def test_debug_decoding_never_shows_a_private_key() -> None:
     from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-    from xds_server.snapshot import REDACTED, decode
+    from xds_server.ads.snapshot import REDACTED, decode
 
     secret = secret_pb2.Secret(name="default")
     secret.tls_certificate.certificate_chain.inline_bytes = b"CERT"

@@ -3,7 +3,7 @@
 This is where the translators meet: ``routing`` composes listeners, routes, clusters and
 endpoints (with ``mtls`` and ``ratelimit`` building blocks), and the proxy's own SDS
 secrets are added from the :class:`Secrets` store. The streaming layer only sees the
-:class:`~xds_server.cache.Generator` protocol.
+:class:`~xds_server.ads.cache.Generator` protocol.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 import routing
+from mesh import xds
 from mesh.model import World
 from mesh.proxy import Proxy
-from routing.ratelimits import RateLimitOptions, limit_key
-from routing.security import SecurityOptions, workload_identity
-from xds_server import types
-from xds_server.security import Identity, SecretBundle
+from mtls.identity import Identity, workload_identity
+from mtls.secrets import SecretBundle
+from routing.limits import RateLimitOptions, limit_key
+from routing.secure import SecurityOptions
 
 
 class Secrets(Protocol):
-    """Where workload secrets come from (:class:`xds_server.security.SecretStore`)."""
+    """Where workload secrets come from (:class:`mtls.secrets.SecretStore`)."""
 
     def bundle(self, identity: Identity) -> SecretBundle: ...
 
@@ -130,4 +131,4 @@ class MeshGenerator:
             self._routing[routing_key] = resources
         if identity is None:
             return resources
-        return {**resources, types.SECRET: list(self._bundle(identity).secrets)}
+        return {**resources, xds.SECRET: list(self._bundle(identity).secrets)}

@@ -10,8 +10,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from xds_server import types
-from xds_server.snapshot import ResourceInterner, Snapshot, build_snapshot
+from mesh import xds
+from xds_server.ads.snapshot import ResourceInterner, Snapshot, build_snapshot
 
 NODE_ID = "sidecar~10.0.0.1~client-0.default~default.svc.cluster.local"
 
@@ -76,4 +76,4 @@ def clusters_snapshot(
         cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
         cla.policy.overprovisioning_factor.value = seconds
         messages.append(cla)
-    return build_snapshot(interner, {types.CLUSTER: messages}, generation)
+    return build_snapshot(interner, {xds.CLUSTER: messages}, generation)

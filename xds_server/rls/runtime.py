@@ -2,7 +2,7 @@
 
 :class:`RateLimitRuntime` owns three things, each started and stopped by the control plane:
 
-- **The global rate-limit service** (``xds_server.rls``) on ``--rls-port``. Its rules are
+- **The global rate-limit service** (``xds_server.rls.service``) on ``--rls-port``. Its rules are
   replaced on every new world (:meth:`RateLimitRuntime.set_world`). Counters live in this
   process, or in Redis with ``--redis URL`` so that replicas share them; when Redis cannot
   be reached, ``--rate-limit-failure-mode`` decides (``open`` admits, ``closed`` refuses),
@@ -61,14 +61,14 @@ from ratelimit.local import DEFAULT_RLS_TIMEOUT_S
 from ratelimit.rules import rules_from_world
 from ratelimit.scrape import VLLM, MetricNames, ScrapeError, Scraper
 from routing.catalog import served_ports, served_services
-from routing.ratelimits import (
+from routing.limits import (
     Multipliers,
     RateLimitOptions,
     RlsAddress,
     endpoint_key,
     endpoint_rates,
 )
-from xds_server.rls import DEFAULT_RLS_PORT, RateLimitService, start_rls_server
+from xds_server.rls.service import DEFAULT_RLS_PORT, RateLimitService, start_rls_server
 
 log = logging.getLogger(__name__)
 

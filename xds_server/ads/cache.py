@@ -15,7 +15,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mesh.proxy import Proxy
-from xds_server.snapshot import ResourceInterner, Snapshot, SnapshotError, build_snapshot
+from xds_server.ads.snapshot import ResourceInterner, Snapshot, SnapshotError, build_snapshot
 
 log = logging.getLogger(__name__)
 

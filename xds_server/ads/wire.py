@@ -5,7 +5,7 @@ objects. Each resource is serialized once (``snapshot.Resource``) together with 
 encoded ``Any`` and Delta ``Resource`` wrappers; a response is then a join of those byte
 strings plus a few scalar fields. Protobuf's wire format allows fields in any order and
 repeated fields to be concatenated, so the result parses exactly like the message
-protobuf would have built (``tests/xds/test_wire.py`` checks that).
+protobuf would have built (``tests/ads/test_wire.py`` checks that).
 """
 
 from __future__ import annotations

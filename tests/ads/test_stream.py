@@ -7,10 +7,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.xds.helpers import clusters_snapshot, delta, sotw
-from xds_server import types
-from xds_server.snapshot import ResourceInterner
-from xds_server.stream import (
+from mesh import xds
+from tests.ads.helpers import clusters_snapshot, delta, sotw
+from xds_server.ads.snapshot import ResourceInterner
+from xds_server.ads.stream import (
     MAX_NAME_LENGTH,
     MAX_NAMES_PER_REQUEST,
     Outcome,
@@ -19,7 +19,7 @@ from xds_server.stream import (
     SyncStatus,
 )
 
-C, E = types.CLUSTER, types.ENDPOINT
+C, E = xds.CLUSTER, xds.ENDPOINT
 
 
 def parse(payload: bytes) -> discovery_pb2.DiscoveryResponse:
@@ -272,7 +272,7 @@ def test_bad_requests_raise_protocol_errors(is_delta: bool) -> None:
 
 # -- properties ---------------------------------------------------------------------
 
-TYPES = [types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE, "type.googleapis.com/bogus"]
+TYPES = [xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, "type.googleapis.com/bogus"]
 NAMES = st.sampled_from(["a", "b", "c", "*"])
 
 
@@ -329,7 +329,7 @@ def test_any_request_sequence_keeps_the_invariants(
             try:
                 result = s.on_request(make(type_url, names, nonce=nonce, error=error))
             except ProtocolError:
-                assert type_url not in types.PUSH_ORDER
+                assert type_url not in xds.PUSH_ORDER
                 continue
             if names:  # a subscription change may legitimately ask for it again
                 rejected.pop(type_url, None)

@@ -3,7 +3,7 @@
 One coroutine serves each stream. A reader task puts every request it reads on the
 stream's queue; the server puts a wake-up there when the config changes. The stream
 loop drains the queue, handles all requests first (ACKs and NACKs before pushes), then
-writes whatever :class:`~xds_server.stream.StreamState` says is due. A proxy has at most
+writes whatever :class:`~xds_server.ads.stream.StreamState` says is due. A proxy has at most
 one pending push: a wake-up is queued only if none is queued already, and the snapshot
 is taken when the push runs, so it is always the newest. A semaphore caps how many
 streams build and write a push at once.
@@ -30,11 +30,11 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
+from mesh import xds
 from mesh.proxy import NodeIdError, Proxy, ProxyKind, proxy_from_node
-from xds_server import types
-from xds_server.cache import ConfigCache, GenerationError
-from xds_server.metrics import XdsMetrics
-from xds_server.stream import Outcome, ProtocolError, StreamState
+from xds_server.ads.cache import ConfigCache, GenerationError
+from xds_server.ads.metrics import XdsMetrics
+from xds_server.ads.stream import Outcome, ProtocolError, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Refusal:
 class StreamAuthorizer:
     """Decides whether a stream may be served as the proxy it claims to be, and as what.
 
-    This default accepts every stream as it claims. ``xds_server.security.MeshAuthorizer``
+    This default accepts every stream as it claims. ``xds_server.auth.authorizer.MeshAuthorizer``
     authenticates streams on the TLS port against the node ID, and keeps secrets from
     plaintext peers outside an allowlist.
     """
@@ -416,7 +416,7 @@ class XdsServer:
                 "stream %d (%s) NACKed %s nonce %s: %s",
                 conn.id,
                 conn.proxy.node_id,
-                types.short(result.type_url),
+                xds.short(result.type_url),
                 result.nonce,
                 result.error,
             )
@@ -434,7 +434,7 @@ class XdsServer:
                 "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
                 conn.id,
                 conn.proxy.node_id,
-                types.short(out.type_url),
+                xds.short(out.type_url),
                 out.version,
                 out.nonce,
                 out.resources,

@@ -10,22 +10,22 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from xds_server.bootstrap import (
-    BootstrapError,
-    BootstrapOptions,
-    TlsSettings,
-    bootstrap_yaml,
-    parse_metadata,
-)
-from xds_server.debounce import DebounceSettings
-from xds_server.inject import add_inject_parser, run_inject
-from xds_server.security import (
+from xds_server.ads.debounce import DebounceSettings
+from xds_server.auth.settings import (
     DEFAULT_PLAINTEXT_SECRETS_FROM,
     DEFAULT_SERVER_NAMES,
     IpNetwork,
     SecuritySettings,
     parse_networks,
 )
+from xds_server.sidecar.bootstrap import (
+    BootstrapError,
+    BootstrapOptions,
+    TlsSettings,
+    bootstrap_yaml,
+    parse_metadata,
+)
+from xds_server.sidecar.inject import add_inject_parser, run_inject
 
 
 def _port(text: str) -> int:
@@ -238,7 +238,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from xds_server.status import fetch_syncz, format_status
+    from xds_server.cli.status import fetch_syncz, format_status
 
     try:
         entries = fetch_syncz(args.admin)
@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     from mtls.ca import MtlsError
     from ratelimit.counters import FailureMode
     from xds_server.app import ServeSettings, serve
-    from xds_server.ratelimits import RateLimitSettings
+    from xds_server.rls.runtime import RateLimitSettings
 
     settings = ServeSettings(
         manifests=args.manifests,

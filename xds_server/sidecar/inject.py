@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 
-from xds_server.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
+from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ def run_inject(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xds_server.inject``: the subcommand on its own."""
+    """``python -m xds_server.sidecar.inject``: the subcommand on its own."""
     parser = argparse.ArgumentParser(prog="inferlane")
     add_inject_parser(parser.add_subparsers(dest="command", required=True))
     return run_inject(parser.parse_args(argv))

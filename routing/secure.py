@@ -3,9 +3,9 @@
 :func:`secure` runs last in :func:`routing.generate`. It reads the world, the proxy and the
 connected sidecars, never a clock, so equal inputs still give equal bytes.
 
-A proxy takes part in mTLS only if it has a workload identity (:func:`workload_identity`):
-its pod is in the world, and the control plane may send it that pod's certificate. Such a
-proxy gets:
+A proxy takes part in mTLS only if it has a workload identity
+(:func:`mtls.identity.workload_identity`): its pod is in the world, and the control plane
+may send it that pod's certificate. Such a proxy gets:
 
 * **Outbound clusters** whose endpoints include pods reached through their sidecar
   (``tlsMode: istio`` endpoint metadata) a ``transport_socket_match`` that speaks mTLS to
@@ -63,6 +63,7 @@ from google.protobuf.message import Message
 from mesh.model import InferenceService, MtlsMode, Priority, World
 from mesh.proxy import Proxy, ProxyKind
 from mtls.ca import BadIdentity, spiffe_id
+from mtls.identity import DEFAULT_TRUST_DOMAIN, workload_identity
 from mtls.tls_context import downstream_mtls, upstream_mtls
 from routing import clamp, endpoints, names
 from routing.catalog import served_ports, served_services
@@ -70,7 +71,6 @@ from routing.protos import duration, pack
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 #: Longest life of an upstream mesh connection, in seconds, when nothing shorter is asked
 #: for. An hour bounds how long a renewed certificate (due at 12 h of a 24 h life) takes to
 #: reach every connection, at the cost of one reconnect per connection per hour.
@@ -90,8 +90,6 @@ AUTHENTICATED_POLICY: Final = "authenticated-peers"
 
 _HTTP_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
-Identity = tuple[str, str]
-
 
 @dataclass(frozen=True)
 class SecurityOptions:
@@ -100,31 +98,6 @@ class SecurityOptions:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     #: Seconds an upstream mesh connection may live; see the module docstring.
     connection_lifetime_s: float = DEFAULT_CONNECTION_LIFETIME_S
-
-
-def workload_identity(
-    world: World, proxy: Proxy, trust_domain: str = DEFAULT_TRUST_DOMAIN
-) -> Identity | None:
-    """``(namespace, service account)`` whose certificate ``proxy`` gets, or None.
-
-    The identity is that of the proxy's pod in the world, never the node metadata's claim.
-    None when: the proxy is a proxyless gRPC client (it does not use SDS); its stream may
-    not receive secrets (a plaintext peer outside the allowlist); its pod is not in the
-    world; the stream authenticated as someone else; or the names cannot form a SPIFFE ID.
-    """
-    if proxy.proxyless or not proxy.secrets_allowed:
-        return None
-    workload = world.workload(proxy.namespace, proxy.pod_name)
-    if workload is None:
-        return None
-    identity = (workload.namespace, workload.service_account)
-    if proxy.authenticated_identity and proxy.authenticated_identity != "/".join(identity):
-        return None
-    try:
-        spiffe_id(trust_domain, *identity)
-    except BadIdentity:
-        return None
-    return identity
 
 
 def secure(

@@ -197,7 +197,7 @@ def limit_key(world: World, proxy: Proxy, options: RateLimitOptions) -> Hashable
     return tuple(found)
 
 
-def apply(
+def apply_limits(
     resources: Mapping[str, Sequence[Message]],
     world: World,
     proxy: Proxy,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xds_server.server import PushQueue
+from xds_server.ads.server import PushQueue
 
 
 @dataclass(eq=False)

@@ -14,8 +14,8 @@ from tests.support.envoy import running_envoy
 from tests.support.http import get
 from tests.support.wait import eventually
 from xds_server.admin import Admin, serving_admin
-from xds_server.cache import ConfigCache
-from xds_server.status import fetch_syncz, format_status
+from xds_server.ads.cache import ConfigCache
+from xds_server.cli.status import fetch_syncz, format_status
 
 pytestmark = pytest.mark.envoy
 

@@ -24,7 +24,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import json_format
 
-from xds_server import types, wire
+from mesh import xds
+from xds_server.ads import wire
 
 T = TypeVar("T")
 
@@ -46,11 +47,11 @@ def resource_name(message: Any) -> str:
 
 
 _TYPE_OF_CLASS: dict[Any, str] = {
-    listener_pb2.Listener: types.LISTENER,
-    route_pb2.RouteConfiguration: types.ROUTE,
-    cluster_pb2.Cluster: types.CLUSTER,
-    endpoint_pb2.ClusterLoadAssignment: types.ENDPOINT,
-    secret_pb2.Secret: types.SECRET,
+    listener_pb2.Listener: xds.LISTENER,
+    route_pb2.RouteConfiguration: xds.ROUTE,
+    cluster_pb2.Cluster: xds.CLUSTER,
+    endpoint_pb2.ClusterLoadAssignment: xds.ENDPOINT,
+    secret_pb2.Secret: xds.SECRET,
 }
 
 
@@ -77,11 +78,11 @@ class Resource:
 
 
 def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
-    if type_url == types.CLUSTER:
+    if type_url == xds.CLUSTER:
         if message.type == cluster_pb2.Cluster.EDS:
-            return ((types.ENDPOINT, message.eds_cluster_config.service_name or message.name),)
+            return ((xds.ENDPOINT, message.eds_cluster_config.service_name or message.name),)
         return ()
-    if type_url == types.LISTENER:
+    if type_url == xds.LISTENER:
         refs: list[tuple[str, str]] = []
         hcms: list[Any] = []
         if message.HasField("api_listener"):
@@ -94,9 +95,9 @@ def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
             hcm = hcm_pb2.HttpConnectionManager()
             packed.Unpack(hcm)
             if hcm.HasField("rds"):
-                refs.append((types.ROUTE, hcm.rds.route_config_name))
+                refs.append((xds.ROUTE, hcm.rds.route_config_name))
         return tuple(dict.fromkeys(refs))
-    if type_url == types.ROUTE:
+    if type_url == xds.ROUTE:
         clusters: list[str] = []
         for vhost in message.virtual_hosts:
             for route in vhost.routes:
@@ -106,7 +107,7 @@ def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
                 if action.cluster:
                     clusters.append(action.cluster)
                 clusters.extend(w.name for w in action.weighted_clusters.clusters)
-        return tuple((types.CLUSTER, c) for c in dict.fromkeys(clusters))
+        return tuple((xds.CLUSTER, c) for c in dict.fromkeys(clusters))
     return ()
 
 
@@ -217,7 +218,7 @@ class Snapshot:
         warming until its initial fetch timeout.
         """
         missing = [
-            f"{types.short(res.type_url)} {res.name!r} needs {types.short(t)} {n!r}"
+            f"{xds.short(res.type_url)} {res.name!r} needs {xds.short(t)} {n!r}"
             for by_name in self.resources.values()
             for res in by_name.values()
             for t, n in res.refs
@@ -243,7 +244,7 @@ def build_snapshot(
         res = interner.make(message)
         bucket = by_type.setdefault(res.type_url, {})
         if res.name in bucket:
-            raise SnapshotError(f"two {types.short(res.type_url)} resources named {res.name!r}")
+            raise SnapshotError(f"two {xds.short(res.type_url)} resources named {res.name!r}")
         bucket[res.name] = res
     return Snapshot(resources=by_type, generation=generation)
 
@@ -257,9 +258,9 @@ REDACTED = "[redacted]"
 def decode(res: Resource) -> dict[str, Any]:
     """The resource as JSON-ready data, for debug pages. Private keys are redacted."""
     message = _CLASS_OF_TYPE[res.type_url].FromString(res.body)
-    if res.type_url == types.SECRET and message.HasField("tls_certificate"):
+    if res.type_url == xds.SECRET and message.HasField("tls_certificate"):
         message.tls_certificate.ClearField("private_key")
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    if res.type_url == types.SECRET and "tls_certificate" in data:
+    if res.type_url == xds.SECRET and "tls_certificate" in data:
         data["tls_certificate"]["private_key"] = REDACTED
     return data

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from xds_server import types
+from mesh import xds
 
 #: Buckets from 1 ms to 10 s: a push is usually live in milliseconds, Istio's production
 #: p90 is 1.5 s, and anything past 10 s is a stall.
@@ -94,7 +94,7 @@ class XdsMetrics:
     def of(self, type_url: str) -> TypeMetrics:
         found = self._by_type.get(type_url)
         if found is None:
-            t = types.short(type_url)
+            t = xds.short(type_url)
             found = self._by_type[type_url] = TypeMetrics(
                 pushes=self.pushes.labels(t),
                 push_bytes=self.push_bytes.labels(t),

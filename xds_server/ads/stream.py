@@ -3,7 +3,7 @@
 The server feeds a :class:`StreamState` the requests it reads (``on_request``) and the
 snapshots the cache computes for its proxy (``set_snapshot``), and asks it what to send
 (``responses``). Keeping the protocol rules in one small, synchronous class makes them
-testable without sockets (``tests/xds/test_stream.py``) and keeps every stream's state
+testable without sockets (``tests/ads/test_stream.py``) and keeps every stream's state
 in one place.
 
 The rules, each from a failure seen in the field (FIELD-NOTES.md):
@@ -18,7 +18,7 @@ The rules, each from a failure seen in the field (FIELD-NOTES.md):
   answered, or the cluster stalls for the 15 s initial fetch timeout.
 * Whenever a cluster is sent, its ClusterLoadAssignment follows, even if unchanged
   (under Delta, Envoy does not ask again after a cluster update).
-* Make-before-break: types go out in ``types.PUSH_ORDER``, and a resource is only
+* Make-before-break: types go out in ``xds.PUSH_ORDER``, and a resource is only
   removed from a type once every later type has been acknowledged at its new state.
   Until then the proxy keeps the old cluster that old routes may still point at. A
   route configuration that names a new cluster waits until the proxy has acknowledged
@@ -34,15 +34,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server import types, wire
-from xds_server.snapshot import Resource, Snapshot, View, version_of
+from mesh import xds
+from xds_server.ads import wire
+from xds_server.ads.snapshot import Resource, Snapshot, View, version_of
 
 #: Most resource names one request may carry; far beyond any real proxy's needs.
 MAX_NAMES_PER_REQUEST = 10_000
 #: Longest resource name accepted.
 MAX_NAME_LENGTH = 1024
 
-SERVED_TYPES = frozenset(types.PUSH_ORDER)
+SERVED_TYPES = frozenset(xds.PUSH_ORDER)
 
 
 class ProtocolError(Exception):
@@ -223,11 +224,11 @@ class StreamState:
         for count, name in enumerate(names, start=1):
             if count > MAX_NAMES_PER_REQUEST:
                 raise ProtocolError(
-                    f"{types.short(type_url)} request names over {MAX_NAMES_PER_REQUEST} resources"
+                    f"{xds.short(type_url)} request names over {MAX_NAMES_PER_REQUEST} resources"
                 )
             if len(name) > MAX_NAME_LENGTH:
                 raise ProtocolError(
-                    f"{types.short(type_url)} resource name of {len(name)} characters, "
+                    f"{xds.short(type_url)} resource name of {len(name)} characters, "
                     f"over {MAX_NAME_LENGTH}"
                 )
 
@@ -238,7 +239,7 @@ class StreamState:
             names.discard("*")
             wildcard = True
         else:
-            wildcard = not names and st.type_url in types.WILDCARD_TYPES and (first or st.wildcard)
+            wildcard = not names and st.type_url in xds.WILDCARD_TYPES and (first or st.wildcard)
         self._names_changed = names != st.names or wildcard != st.wildcard
         if names != st.names:
             st.names = frozenset(names)
@@ -254,7 +255,7 @@ class StreamState:
         sub = set(req.resource_names_subscribe)
         unsub = set(req.resource_names_unsubscribe)
         first = not st.subscribed
-        if first and not sub and st.type_url in types.WILDCARD_TYPES:
+        if first and not sub and st.type_url in xds.WILDCARD_TYPES:
             st.wildcard = True
         if "*" in sub:
             st.wildcard = True
@@ -328,11 +329,11 @@ class StreamState:
     ) -> tuple[dict[str, Resource], View]:
         """What to hold for this type now, as a view (shared when nothing is held back)."""
         desired: dict[str, Resource] = view.resources
-        if unconverged and not unconverged.isdisjoint(types.PUSH_ORDER[index + 1 :]):
+        if unconverged and not unconverged.isdisjoint(xds.PUSH_ORDER[index + 1 :]):
             kept = {n: r for n, r in st.acked.items() if n not in desired and st.wants(n)}
             if kept:
                 desired = {**desired, **kept}
-        if st.type_url == types.ROUTE:
+        if st.type_url == xds.ROUTE:
             if desired is view.resources and not self.delta and self.snapshot is not None:
                 desired = self._held_routes_cached(st, view)
             else:
@@ -345,8 +346,8 @@ class StreamState:
         """The route hold for SotW streams, shared through the snapshot: alike streams in
         the same acknowledged state decide once."""
         assert self.snapshot is not None
-        cds = self.types.get(types.CLUSTER)
-        eds = self.types.get(types.ENDPOINT)
+        cds = self.types.get(xds.CLUSTER)
+        eds = self.types.get(xds.ENDPOINT)
         key = (
             view.version,
             st.acked_version,
@@ -367,22 +368,20 @@ class StreamState:
         a route to a still-warming cluster answers 503. Only for wildcard CDS (Envoy);
         gRPC subscribes to clusters by name after it has the routes, so it must get them.
         """
-        cds = self.types.get(types.CLUSTER)
+        cds = self.types.get(xds.CLUSTER)
         if cds is None or not cds.wildcard:
             return desired
-        eds = self.types.get(types.ENDPOINT)
+        eds = self.types.get(xds.ENDPOINT)
         eds_acked = eds.acked if eds is not None else {}
 
         def warm(cluster: str) -> bool:
             res = cds.acked.get(cluster)
-            return res is not None and all(
-                n in eds_acked for t, n in res.refs if t == types.ENDPOINT
-            )
+            return res is not None and all(n in eds_acked for t, n in res.refs if t == xds.ENDPOINT)
 
         cold = [
             name
             for name, res in desired.items()
-            if not all(warm(n) for t, n in res.refs if t == types.CLUSTER)
+            if not all(warm(n) for t, n in res.refs if t == xds.CLUSTER)
         ]
         if not cold:
             return desired
@@ -403,7 +402,7 @@ class StreamState:
         self._holding = False
         subscribed = [
             (index, st)
-            for index, type_url in enumerate(types.PUSH_ORDER)
+            for index, type_url in enumerate(xds.PUSH_ORDER)
             if (st := self.types.get(type_url)) is not None and st.subscribed
         ]
         plain = {st.type_url: self._plain(st) for _, st in subscribed}
@@ -420,7 +419,7 @@ class StreamState:
             msg = self._delta_response(st, desired) if self.delta else self._sotw_response(st, view)
             if msg is not None:
                 out.append(msg)
-                if type_url == types.CLUSTER:
+                if type_url == xds.CLUSTER:
                     changed = [r for n, r in st.sent.items() if before.get(n) is not r]
                     self._follow_with_endpoints(changed)
         return out
@@ -428,10 +427,10 @@ class StreamState:
     def _follow_with_endpoints(self, clusters: list[Resource]) -> None:
         """Re-send the assignments of clusters just sent new or changed (Envoy re-warms
         them and, under Delta, does not ask again)."""
-        eds = self.types.get(types.ENDPOINT)
+        eds = self.types.get(xds.ENDPOINT)
         if eds is None or not eds.subscribed:
             return
-        refs = {n for res in clusters for t, n in res.refs if t == types.ENDPOINT}
+        refs = {n for res in clusters for t, n in res.refs if t == xds.ENDPOINT}
         if self.delta:
             eds.force_names |= refs & eds.names
         elif refs & eds.names:

@@ -1,0 +1,138 @@
+"""The workload secrets served to proxies, one certificate per identity, and their renewal.
+
+:class:`SecretStore` holds the ``default`` and ``ROOTCA`` SDS secrets per workload
+identity, renewed at half life with jitter. A renewal calls ``on_change``, which the
+control plane wires to its debouncer: a new generation in which only the secrets differ,
+so the proxies of other identities are sent nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+from mtls.ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, utcnow
+from mtls.identity import DEFAULT_TRUST_DOMAIN, Identity
+from mtls.rotation import WorkloadCertificates
+from mtls.sds import secrets_for
+
+
+@dataclass(frozen=True)
+class SecretBundle:
+    """One identity's SDS secrets, built once per certificate."""
+
+    identity: Identity
+    serial: int
+    not_after: datetime
+    secrets: tuple[secret_pb2.Secret, ...]
+
+
+class SecretStore:
+    """The workload secrets served to proxies, and their renewal.
+
+    A certificate is issued the first time a generation asks for an identity
+    (:meth:`bundle`) and renewed only by :meth:`run`, so every proxy of one generation
+    sees the same certificate. Identities no connected proxy uses are dropped at the next
+    renewal instead of being renewed.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        *,
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ca = ca
+        self.trust_domain = trust_domain
+        self.ttl = ttl
+        self._certs = WorkloadCertificates(ca, trust_domain, ttl=ttl, rng=rng)
+        self._bundles: dict[Identity, SecretBundle] = {}
+        self._wake = asyncio.Event()
+        #: Called when secrets changed outside a generation (renewals, rotate_all).
+        self.on_change: Callable[[], None] = lambda: None
+        self.issued = 0
+        self.renewed = 0
+
+    @property
+    def trust_bundle_pem(self) -> bytes:
+        return self.ca.trust_bundle_pem
+
+    @property
+    def min_renewal_interval(self) -> float:
+        """Seconds between renewal passes at the least, so no schedule can spin."""
+        return max(0.05, min(1.0, self.ttl.total_seconds() / 20))
+
+    def bundle(self, identity: Identity) -> SecretBundle:
+        """The identity's secrets; a certificate is issued if it has none yet.
+
+        Raises :class:`mtls.ca.BadIdentity` for names that cannot form a SPIFFE ID.
+        """
+        found = self._bundles.get(identity)
+        if found is not None:
+            return found
+        return self._refresh(identity)
+
+    def _refresh(self, identity: Identity) -> SecretBundle:
+        issued = self._certs.current(*identity)
+        bundle = SecretBundle(
+            identity=identity,
+            serial=issued.serial,
+            not_after=issued.not_after,
+            secrets=tuple(secrets_for(issued, self.trust_bundle_pem)),
+        )
+        self._bundles[identity] = bundle
+        self.issued += 1
+        self._wake.set()
+        return bundle
+
+    def identities(self) -> list[Identity]:
+        return sorted(self._bundles)
+
+    def rotate_all(self) -> int:
+        """Replace every certificate now (on the next generation); how many there were."""
+        count = len(self._bundles)
+        for identity in list(self._bundles):
+            self._certs.forget(*identity)
+            del self._bundles[identity]
+        if count:
+            self.on_change()
+        return count
+
+    def renew_due(self, in_use: Collection[Identity] | None = None) -> list[Identity]:
+        """Renew the certificates that are due; drop those of identities not in use."""
+        if in_use is not None:
+            for identity in [i for i in self._bundles if i not in in_use]:
+                self._certs.forget(*identity)
+                del self._bundles[identity]
+        renewed = [i for i in self._certs.renew_due() if i in self._bundles]
+        for identity in renewed:
+            self._refresh(identity)
+        self.renewed += len(renewed)
+        if renewed:
+            self.on_change()
+        return renewed
+
+    async def run(self, in_use: Callable[[], Collection[Identity]]) -> None:
+        """Renew certificates as they fall due, until cancelled."""
+        while True:
+            self._wake.clear()
+            due = self._certs.next_renewal()
+            timeout = None
+            if due is not None:
+                timeout = max(self.min_renewal_interval, (due - utcnow()).total_seconds())
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the event is set, and the task would never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            due = self._certs.next_renewal()
+            if due is not None and due <= utcnow():
+                self.renew_due(in_use())
