@@ -1,8 +1,11 @@
-"""The xDS resource types inferlane serves, and the order pushes go out in."""
+"""The xDS vocabulary every layer shares: the resource types inferlane serves, their short
+names, and how a resource is named."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+
+from envoy.config.endpoint.v3 import endpoint_pb2
 
 _PREFIX = "type.googleapis.com/"
 
@@ -33,3 +36,10 @@ SHORT_NAMES: Final = {
 def short(type_url: str) -> str:
     """``LDS``, ``CDS``... for logs and metric labels; the type URL itself when unknown."""
     return SHORT_NAMES.get(type_url, type_url)
+
+
+def resource_name(message: Any) -> str:
+    """The xDS name of a resource (a ClusterLoadAssignment's is its cluster's)."""
+    if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
+        return str(message.cluster_name)
+    return str(message.name)

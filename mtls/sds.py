@@ -18,8 +18,6 @@ ROOT_SECRET = "ROOTCA"
 #: The names a proxy may ask for.
 SECRET_NAMES: tuple[str, ...] = (WORKLOAD_SECRET, ROOT_SECRET)
 
-SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-
 
 def workload_secret(issued: IssuedCert) -> secret_pb2.Secret:
     """``default``: the chain (leaf and intermediates) and key, inline."""

@@ -10,32 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf.message import Message
 
+from mesh import xds
 from mesh.model import PRIORITIES, InferenceService, World
 from mesh.proxy import Proxy
 from routing import clusters, endpoints, listeners, names, proxyless, routes
 from routing.catalog import served_ports, served_services
 from routing.limits import RateLimitOptions, apply_limits
-from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from routing.secure import SecurityOptions, secure
 
-__all__ = [
-    "CLUSTER_TYPE",
-    "ENDPOINT_TYPE",
-    "LISTENER_TYPE",
-    "ROUTE_TYPE",
-    "generate",
-    "resource_name",
-]
-
-
-def resource_name(message: Any) -> str:
-    """The xDS name of a generated resource (a ClusterLoadAssignment's is its cluster's)."""
-    if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
-        return str(message.cluster_name)
-    return str(message.name)
+__all__ = ["generate"]
 
 
 def _outbound_clusters(
@@ -132,10 +117,10 @@ def generate(
             routes.route_configuration(names.INBOUND_ROUTE, inbound_vhosts),
         ]
     generated: dict[str, list[Message]] = {
-        LISTENER_TYPE: sorted(listener_list, key=resource_name),
-        ROUTE_TYPE: sorted(route_list, key=resource_name),
-        CLUSTER_TYPE: sorted(cluster_list, key=resource_name),
-        ENDPOINT_TYPE: sorted(assignments, key=resource_name),
+        xds.LISTENER: sorted(listener_list, key=xds.resource_name),
+        xds.ROUTE: sorted(route_list, key=xds.resource_name),
+        xds.CLUSTER: sorted(cluster_list, key=xds.resource_name),
+        xds.ENDPOINT: sorted(assignments, key=xds.resource_name),
     }
     secured = secure(generated, world, proxy, sidecars, tls)
     return apply_limits(secured, world, proxy, limits)

@@ -41,7 +41,8 @@ CLASS_SHARE: Final[dict[Priority, float]] = {
     Priority.SHEDDABLE: 0.5,
 }
 
-_HTTP_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+#: The key of a cluster's HTTP protocol options in ``typed_extension_protocol_options``.
+HTTP_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def http1_upstream() -> dict[str, Any]:
             http_protocol_options=protocol_pb2.Http1ProtocolOptions()
         )
     )
-    return {_HTTP_OPTIONS: pack(options)}
+    return {HTTP_OPTIONS: pack(options)}
 
 
 def outbound_cluster(

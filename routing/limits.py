@@ -66,6 +66,7 @@ from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
+from mesh import xds
 from mesh.model import (
     PRIORITY_HEADER,
     Endpoint,
@@ -366,7 +367,7 @@ def _local_limits(
         for svc, port, endpoint in own_endpoints(world, proxy)
         if svc.config.rate_limit
     }
-    if not limited_vhosts or names.ROUTE_TYPE not in out:
+    if not limited_vhosts or xds.ROUTE not in out:
         return
     by_vhost = {
         names.virtual_host(svc.hostname, port.port): svc
@@ -375,7 +376,7 @@ def _local_limits(
     }
     any_limited = False
     routes = []
-    for route_config in out[names.ROUTE_TYPE]:
+    for route_config in out[xds.ROUTE]:
         if route_config.name != names.INBOUND_ROUTE:
             routes.append(route_config)
             continue
@@ -388,12 +389,12 @@ def _local_limits(
         routes.append(limited)
     if not any_limited:
         return
-    out[names.ROUTE_TYPE] = routes
-    if names.LISTENER_TYPE in out:
+    out[xds.ROUTE] = routes
+    if xds.LISTENER in out:
         local = local_ratelimit_http_filter(LOCAL_STAT_PREFIX)
-        out[names.LISTENER_TYPE] = [
+        out[xds.LISTENER] = [
             _with_filter(listener, local) if listener.name == names.INBOUND_LISTENER else listener
-            for listener in out[names.LISTENER_TYPE]
+            for listener in out[xds.LISTENER]
         ]
 
 
@@ -493,12 +494,12 @@ def _global_limits(
     rls: RlsAddress,
 ) -> None:
     limited = rate_limited_services(world)
-    if not limited or names.ROUTE_TYPE not in out:
+    if not limited or xds.ROUTE not in out:
         return
     route_names = _outbound_route_names(proxy)
     any_limited = False
     routes = []
-    for route_config in out[names.ROUTE_TYPE]:
+    for route_config in out[xds.ROUTE]:
         if route_config.name not in route_names:
             routes.append(route_config)
             continue
@@ -509,7 +510,7 @@ def _global_limits(
         routes.append(copy)
     if not any_limited:
         return
-    out[names.ROUTE_TYPE] = routes
+    out[xds.ROUTE] = routes
     http_filter = global_ratelimit_http_filter(
         RLS_CLUSTER,
         failure_mode_deny=opts.failure_mode_deny,
@@ -517,11 +518,11 @@ def _global_limits(
         stat_prefix=GLOBAL_STAT_PREFIX,
     )
     listener_names = _outbound_listener_names(proxy)
-    if names.LISTENER_TYPE in out:
-        out[names.LISTENER_TYPE] = [
+    if xds.LISTENER in out:
+        out[xds.LISTENER] = [
             _with_filter(listener, http_filter) if listener.name in listener_names else listener
-            for listener in out[names.LISTENER_TYPE]
+            for listener in out[xds.LISTENER]
         ]
-    clusters = [c for c in out.get(names.CLUSTER_TYPE, []) if c.name != RLS_CLUSTER]
+    clusters = [c for c in out.get(xds.CLUSTER, []) if c.name != RLS_CLUSTER]
     clusters.append(rls_cluster_for(rls))
-    out[names.CLUSTER_TYPE] = sorted(clusters, key=lambda c: str(c.name))
+    out[xds.CLUSTER] = sorted(clusters, key=lambda c: str(c.name))

@@ -18,16 +18,6 @@ from typing import Final
 from mesh.model import InferenceService, Priority, ServicePort
 from routing.catalog import served_ports
 
-_PREFIX: Final = "type.googleapis.com/"
-
-LISTENER_TYPE: Final = _PREFIX + "envoy.config.listener.v3.Listener"
-ROUTE_TYPE: Final = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE: Final = _PREFIX + "envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE: Final = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-
-#: Every type :func:`routing.generate` returns, in make-before-break order.
-TYPE_URLS: Final[tuple[str, ...]] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
-
 OUTBOUND_LISTENER: Final = "virtualOutbound"
 INBOUND_LISTENER: Final = "virtualInbound"
 OUTBOUND_ROUTE: Final = "outbound"

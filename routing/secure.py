@@ -60,6 +60,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
+from mesh import xds
 from mesh.model import InferenceService, MtlsMode, Priority, World
 from mesh.proxy import Proxy, ProxyKind
 from mtls.ca import BadIdentity, spiffe_id
@@ -67,6 +68,7 @@ from mtls.identity import DEFAULT_TRUST_DOMAIN, workload_identity
 from mtls.tls_context import downstream_mtls, upstream_mtls
 from routing import clamp, endpoints, names
 from routing.catalog import served_ports, served_services
+from routing.clusters import HTTP_OPTIONS
 from routing.protos import duration, pack
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,6 @@ TLS_MODE_MATCH: Final = "tlsMode-istio"
 #: RBAC policy names.
 CRITICAL_CALLERS_POLICY: Final = "critical-callers"
 AUTHENTICATED_POLICY: Final = "authenticated-peers"
-
-_HTTP_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclass(frozen=True)
@@ -117,27 +117,27 @@ def secure(
         return out
     by_host = {svc.hostname: svc for svc in served_services(world)}
     has_identity = workload_identity(world, proxy, opts.trust_domain) is not None
-    if has_identity and names.CLUSTER_TYPE in out:
-        out[names.CLUSTER_TYPE] = [
-            _secure_cluster(c, by_host, world, sidecars, opts) for c in out[names.CLUSTER_TYPE]
+    if has_identity and xds.CLUSTER in out:
+        out[xds.CLUSTER] = [
+            _secure_cluster(c, by_host, world, sidecars, opts) for c in out[xds.CLUSTER]
         ]
     if proxy.kind is not ProxyKind.SIDECAR:
         return out
-    backed = _backed_services(out.get(names.ROUTE_TYPE, ()), world)
-    if names.ROUTE_TYPE in out:
-        out[names.ROUTE_TYPE] = [
+    backed = _backed_services(out.get(xds.ROUTE, ()), world)
+    if xds.ROUTE in out:
+        out[xds.ROUTE] = [
             _guard_inbound_routes(r, backed, opts.trust_domain)
             if r.name == names.INBOUND_ROUTE
             else r
-            for r in out[names.ROUTE_TYPE]
+            for r in out[xds.ROUTE]
         ]
-    if names.LISTENER_TYPE in out:
+    if xds.LISTENER in out:
         terminate = has_identity and bool(backed)
-        out[names.LISTENER_TYPE] = [
+        out[xds.LISTENER] = [
             _secure_inbound(listener, backed.values(), terminate, opts)
             if listener.name == names.INBOUND_LISTENER
             else listener
-            for listener in out[names.LISTENER_TYPE]
+            for listener in out[xds.LISTENER]
         ]
     return out
 
@@ -209,13 +209,13 @@ def _secure_cluster(
 
 
 def _limit_upstream_lifetime(cluster: Any, seconds: float) -> None:
-    packed = cluster.typed_extension_protocol_options.get(_HTTP_OPTIONS)
+    packed = cluster.typed_extension_protocol_options.get(HTTP_OPTIONS)
     if packed is None:
         return
     options = http_protocol_options_pb2.HttpProtocolOptions()
     packed.Unpack(options)
     options.common_http_protocol_options.max_connection_duration.CopyFrom(duration(seconds))
-    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(options))
+    cluster.typed_extension_protocol_options[HTTP_OPTIONS].CopyFrom(pack(options))
 
 
 # --------------------------------------------------------------------------- inbound routes

@@ -25,8 +25,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from mesh import xds
 from routing import endpoints as endpoints_mod
-from routing.names import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 Resources = Mapping[str, Sequence[Any]]
 
@@ -70,14 +70,14 @@ class SimEndpoint:
 
 def _find(resources: Resources, type_url: str, name: str) -> Any | None:
     for message in resources.get(type_url, ()):
-        key = message.cluster_name if type_url == ENDPOINT_TYPE else message.name
+        key = message.cluster_name if type_url == xds.ENDPOINT else message.name
         if key == name:
             return message
     return None
 
 
 def _listener(resources: Resources, port: int | None, name: str | None) -> Any | NoRoute:
-    for listener in resources.get(LISTENER_TYPE, ()):
+    for listener in resources.get(xds.LISTENER, ()):
         if name is not None and listener.name == name:
             return listener
         if (
@@ -106,7 +106,7 @@ def _route_config(resources: Resources, manager: Any) -> Any | NoRoute:
     if manager.HasField("route_config"):
         return manager.route_config
     name = manager.rds.route_config_name
-    found = _find(resources, ROUTE_TYPE, name)
+    found = _find(resources, xds.ROUTE, name)
     return found if found is not None else NoRoute(f"no route configuration {name!r}")
 
 
@@ -262,10 +262,10 @@ def route(
 
 
 def _assignment(resources: Resources, cluster: str) -> Any | NoRoute:
-    found = _find(resources, ENDPOINT_TYPE, cluster)
+    found = _find(resources, xds.ENDPOINT, cluster)
     if found is not None:
         return found
-    definition = _find(resources, CLUSTER_TYPE, cluster)
+    definition = _find(resources, xds.CLUSTER, cluster)
     if definition is not None and definition.HasField("load_assignment"):
         return definition.load_assignment
     return NoRoute(f"no endpoints for cluster {cluster!r}")

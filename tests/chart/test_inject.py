@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 from bench.wait import eventually
 from mesh.proxy import ProxyKind, proxy_from_node
 from mtls.ca import CertificateAuthority
+from mtls.tokens import TOKEN_AUDIENCE
 from tests.chart.render import Obj, validate
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
 from xds_server.sidecar.inject import (
     SIDECAR_NAME,
     TEMPLATE_PATHS,
-    TOKEN_AUDIENCE,
     TOKEN_DIR,
     TOKEN_PATH,
     TOKEN_VOLUME,

@@ -16,10 +16,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from mesh import xds
 from mesh.model import MtlsMode, Priority, Workload, World
 from mesh.proxy import Proxy
 from mtls.identity import workload_identity
-from routing import names, resource_name, simulate
+from routing import names, simulate
 from routing.secure import (
     AUTHENTICATED_POLICY,
     CRITICAL_CALLERS_POLICY,
@@ -62,12 +63,12 @@ def _world(
 
 
 def _by_name(resources: Mapping[str, list[Any]], type_url: str) -> dict[str, Any]:
-    return {resource_name(m): m for m in resources[type_url]}
+    return {xds.resource_name(m): m for m in resources[type_url]}
 
 
 def _cluster(resources: Mapping[str, list[Any]], priority: Priority = Priority.STANDARD) -> Any:
     name = names.outbound_cluster(8000, priority, "llama.default.svc.cluster.local")
-    return _by_name(resources, names.CLUSTER_TYPE)[name]
+    return _by_name(resources, xds.CLUSTER)[name]
 
 
 def _upstream_sans(socket: Any) -> list[str]:
@@ -86,7 +87,7 @@ def _lifetime(cluster: Any) -> float:
 
 
 def _inbound(resources: Mapping[str, list[Any]]) -> Any:
-    return _by_name(resources, names.LISTENER_TYPE)[names.INBOUND_LISTENER]
+    return _by_name(resources, xds.LISTENER)[names.INBOUND_LISTENER]
 
 
 def _manager(chain: Any) -> Any:
@@ -97,7 +98,7 @@ def _manager(chain: Any) -> Any:
 
 def _guards(resources: Mapping[str, list[Any]]) -> dict[str, Any]:
     """Inbound route name -> its RBAC rules (None when unguarded)."""
-    inbound = _by_name(resources, names.ROUTE_TYPE)[names.INBOUND_ROUTE]
+    inbound = _by_name(resources, xds.ROUTE)[names.INBOUND_ROUTE]
     out: dict[str, Any] = {}
     for vhost in inbound.virtual_hosts:
         for route in vhost.routes:
@@ -185,7 +186,7 @@ def test_gateways_use_mtls_and_get_no_inbound() -> None:
     world = _world(pods={"gateway-0": "gateway", "gpu-0": "llama"})
     resources = build(world, gw, SIDECARS)
     assert _cluster(resources).transport_socket_matches
-    assert names.INBOUND_LISTENER not in _by_name(resources, names.LISTENER_TYPE)
+    assert names.INBOUND_LISTENER not in _by_name(resources, xds.LISTENER)
 
 
 # --------------------------------------------------------------------------- inbound

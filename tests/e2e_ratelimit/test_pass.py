@@ -22,6 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh import xds
 from mesh.model import Priority, ServiceConfig, World
 from mesh.proxy import Proxy
 from ratelimit.local import LOCAL_RATELIMIT_FILTER
@@ -82,7 +83,7 @@ def _managers(listener: Any) -> list[Any]:
 
 
 def _inbound_vhost(resources: Any) -> Any:
-    (vhost,) = _one(resources, names.ROUTE_TYPE, names.INBOUND_ROUTE).virtual_hosts
+    (vhost,) = _one(resources, xds.ROUTE, names.INBOUND_ROUTE).virtual_hosts
     return vhost
 
 
@@ -129,7 +130,7 @@ def test_backend_sidecar_gets_one_bucket_per_named_class() -> None:
         "sheddable": "sheddable",
         "default": "standard",
     }
-    listener = _one(out, names.LISTENER_TYPE, names.INBOUND_LISTENER)
+    listener = _one(out, xds.LISTENER, names.INBOUND_LISTENER)
     for manager in _managers(listener):
         filters = [f.name for f in manager.http_filters]
         assert filters[-2:] == [LOCAL_FILTER, "envoy.filters.http.router"], filters
@@ -159,8 +160,8 @@ def test_client_sidecar_gets_no_local_limits() -> None:
     the_world = llama(_cfg(rate_limit=_rates(sheddable=5)))
     who = proxy()
     out = build(the_world, who)
-    assert not _one(out, names.ROUTE_TYPE, names.INBOUND_ROUTE).virtual_hosts
-    listener = _one(out, names.LISTENER_TYPE, names.INBOUND_LISTENER)
+    assert not _one(out, xds.ROUTE, names.INBOUND_ROUTE).virtual_hosts
+    listener = _one(out, xds.LISTENER, names.INBOUND_LISTENER)
     assert all(LOCAL_FILTER not in [f.name for f in m.http_filters] for m in _managers(listener))
 
 
@@ -216,27 +217,27 @@ def test_caller_gets_the_global_filter_descriptors_and_rls_cluster() -> None:
     the_world = llama(cfg)
     options = RateLimitOptions(rls=RLS, failure_mode_deny=True, rls_timeout_s=0.25)
     out = build(the_world, proxy(service_account="batch"), options)
-    config = _global_filter(_one(out, names.LISTENER_TYPE, names.OUTBOUND_LISTENER))
+    config = _global_filter(_one(out, xds.LISTENER, names.OUTBOUND_LISTENER))
     assert config.failure_mode_deny
     assert config.domain == "inferlane"
     assert config.rate_limit_service.grpc_service.envoy_grpc.cluster_name == RLS_CLUSTER
     who = [("service", "default/llama"), ("caller", "default/batch")]
     # batch is not a critical caller: its critical route serves as standard, unlimited.
-    assert _descriptors(_one(out, names.ROUTE_TYPE, names.OUTBOUND_ROUTE)) == {
+    assert _descriptors(_one(out, xds.ROUTE, names.OUTBOUND_ROUTE)) == {
         "critical": [],
         "standard": [],
         "sheddable": [*who, ("priority", "sheddable")],
         "default": [],
     }
-    cluster = _one(out, names.CLUSTER_TYPE, RLS_CLUSTER)
+    cluster = _one(out, xds.CLUSTER, RLS_CLUSTER)
     assert cluster.type == cluster_pb2.Cluster.STATIC
     addr = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert (addr.address, addr.port_value) == ("10.9.0.1", 8081)
-    cluster_names = [c.name for c in out[names.CLUSTER_TYPE]]
+    cluster_names = [c.name for c in out[xds.CLUSTER]]
     assert cluster_names == sorted(cluster_names)
     # The listed caller keeps critical, and it is limited as critical.
     chat = build(the_world, proxy(service_account="chat"), options)
-    chat_routes = _descriptors(_one(chat, names.ROUTE_TYPE, names.OUTBOUND_ROUTE))
+    chat_routes = _descriptors(_one(chat, xds.ROUTE, names.OUTBOUND_ROUTE))
     assert chat_routes["critical"][-1] == ("priority", "critical")
     assert chat_routes["critical"][1] == ("caller", "default/chat")
 
@@ -246,12 +247,12 @@ def test_gateway_gets_the_global_filter_and_a_dns_name_becomes_strict_dns() -> N
     who = gateway()
     options = RateLimitOptions(rls=RlsAddress("inferlane.inferlane-system.svc", 8081))
     out = build(the_world, who, options)
-    listener = _one(out, names.LISTENER_TYPE, names.gateway_listener("0.0.0.0", 8080))
+    listener = _one(out, xds.LISTENER, names.gateway_listener("0.0.0.0", 8080))
     _global_filter(listener)
-    route = _one(out, names.ROUTE_TYPE, names.gateway_route(8080))
+    route = _one(out, xds.ROUTE, names.gateway_route(8080))
     # The default class is standard: the catch-all is limited as standard too.
     assert _descriptors(route)["default"][-1] == ("priority", "standard")
-    assert _one(out, names.CLUSTER_TYPE, RLS_CLUSTER).type == cluster_pb2.Cluster.STRICT_DNS
+    assert _one(out, xds.CLUSTER, RLS_CLUSTER).type == cluster_pb2.Cluster.STRICT_DNS
 
 
 def test_no_service_address_or_no_global_limit_means_no_global_filter() -> None:
@@ -260,8 +261,8 @@ def test_no_service_address_or_no_global_limit_means_no_global_filter() -> None:
     cases = ((limited, RateLimitOptions()), (unlimited, RateLimitOptions(rls=RLS)))
     for the_world, options in cases:
         out = build(the_world, proxy(), options)
-        assert RLS_CLUSTER not in [c.name for c in out[names.CLUSTER_TYPE]]
-        (manager,) = _managers(_one(out, names.LISTENER_TYPE, names.OUTBOUND_LISTENER))
+        assert RLS_CLUSTER not in [c.name for c in out[xds.CLUSTER]]
+        (manager,) = _managers(_one(out, xds.LISTENER, names.OUTBOUND_LISTENER))
         assert GLOBAL_FILTER not in [f.name for f in manager.http_filters]
 
 

@@ -32,15 +32,15 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 
+from mesh import xds
 from mtls.ca import CertificateAuthority, IssuedCert
-from mtls.sds import SECRET_TYPE_URL, secrets_for
+from mtls.sds import secrets_for
 from mtls.tls_context import downstream_mtls, upstream_mtls
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.envoy
 
 TD = "cluster.local"
-CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 PEER_HEADER = "x-peer-identity"
 ROUTER_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
@@ -391,7 +391,7 @@ async def test_mtls_through_envoy_with_secrets_over_ads(
         )
         clusters = {"good": good, "bad": bad}
         secrets = {s.name: s for s in secrets_for(envoy_cert, ca.trust_bundle_pem)}
-        ads = MiniAds({CLUSTER_TYPE_URL: clusters, SECRET_TYPE_URL: secrets})
+        ads = MiniAds({xds.CLUSTER: clusters, xds.SECRET: secrets})
         front_routes = [
             {"match": {"prefix": f"/{name}"}, "route": {"cluster": name}} for name in clusters
         ]
@@ -419,7 +419,7 @@ async def test_mtls_through_envoy_with_secrets_over_ads(
                 assert body == "inbound ok"
                 # The inbound side saw the caller's SPIFFE ID (here Envoy's own).
                 assert headers[PEER_HEADER] == envoy_cert.spiffe_id
-                assert ads.requested[SECRET_TYPE_URL] == {"default", "ROOTCA"}
+                assert ads.requested[xds.SECRET] == {"default", "ROOTCA"}
 
                 # Pinned to another identity: the handshake fails on the SAN check.
                 status, _, _ = await _get(f"http://127.0.0.1:{port}/bad")

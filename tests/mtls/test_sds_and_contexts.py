@@ -9,8 +9,9 @@ from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import any_pb2
 
+from mesh import xds
 from mtls.ca import CertificateAuthority
-from mtls.sds import ROOT_SECRET, SECRET_TYPE_URL, WORKLOAD_SECRET, secrets_for
+from mtls.sds import ROOT_SECRET, WORKLOAD_SECRET, secrets_for
 from mtls.tls_context import (
     TLS_TRANSPORT_SOCKET,
     downstream_mtls,
@@ -35,7 +36,7 @@ def test_secrets_for_one_workload() -> None:
     assert not default.HasField("validation_context") and not root.HasField("tls_certificate")
     packed = any_pb2.Any()
     packed.Pack(default)
-    assert packed.type_url == SECRET_TYPE_URL
+    assert packed.type_url == xds.SECRET
     assert secret_pb2.Secret.FromString(default.SerializeToString()) == default
 
 

@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import json_format
 
-from routing import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from mesh import xds
 from routing.protos import pack
 
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -62,9 +62,9 @@ def static_bootstrap(
     keep_listener: Callable[[Any], bool] = lambda _: True,
     edit_assignment: Callable[[Any], None] = lambda _: None,
 ) -> Any:
-    routes = {r.name: r for r in resources[ROUTE_TYPE]}
+    routes = {r.name: r for r in resources[xds.ROUTE]}
     assignments = {}
-    for assignment in resources[ENDPOINT_TYPE]:
+    for assignment in resources[xds.ENDPOINT]:
         edited = type(assignment)()
         edited.CopyFrom(assignment)
         edit_assignment(edited)
@@ -72,10 +72,10 @@ def static_bootstrap(
     bootstrap = bootstrap_pb2.Bootstrap()
     bootstrap.node.id = "test~127.0.0.1~test.default~default.svc.cluster.local"
     bootstrap.node.cluster = "test"
-    for listener in resources[LISTENER_TYPE]:
+    for listener in resources[xds.LISTENER]:
         if keep_listener(listener):
             bootstrap.static_resources.listeners.append(_inline_routes(listener, routes))
-    for cluster in resources[CLUSTER_TYPE]:
+    for cluster in resources[xds.CLUSTER]:
         bootstrap.static_resources.clusters.append(_static_cluster(cluster, assignments))
     admin = bootstrap.admin.address.socket_address
     admin.address, admin.port_value = "127.0.0.1", 0

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from mesh import xds
 from mesh.model import Priority, ServiceConfig
 from mesh.proxy import Proxy
-from routing import LISTENER_TYPE, ROUTE_TYPE, simulate
+from routing import simulate
 from routing.simulate import Decision
 from tests.routing.factories import (
     HOST,
@@ -84,7 +85,7 @@ def test_class_route_settings() -> None:
 
 def test_critical_retries_avoid_the_host_that_failed() -> None:
     resources = build(llama_world(), proxy(), {})
-    (outbound,) = [r for r in resources[ROUTE_TYPE] if r.name == "outbound"]
+    (outbound,) = [r for r in resources[xds.ROUTE] if r.name == "outbound"]
     critical = outbound.virtual_hosts[0].routes[0]
     policy = critical.route.retry_policy
     assert [p.name for p in policy.retry_host_predicate] == [
@@ -206,7 +207,7 @@ def test_sidecar_listeners_use_the_proxy_ports_and_bind_address() -> None:
             listener.address.socket_address.address,
             listener.address.socket_address.port_value,
         )
-        for listener in resources[LISTENER_TYPE]
+        for listener in resources[xds.LISTENER]
     }
     assert addresses == {
         "virtualOutbound": ("127.0.0.5", 16001),
@@ -221,8 +222,8 @@ def test_gateway_gets_every_virtual_host_on_its_port() -> None:
         service("mistral", "prod", ports=(9000,)),
     )
     resources = build(two, gateway(namespace="ingress", gateway_port=8443), {})
-    assert [listener.name for listener in resources[LISTENER_TYPE]] == ["0.0.0.0_8443"]
-    assert [r.name for r in resources[ROUTE_TYPE]] == ["http.8443"]
+    assert [listener.name for listener in resources[xds.LISTENER]] == ["0.0.0.0_8443"]
+    assert [r.name for r in resources[xds.ROUTE]] == ["http.8443"]
     assert _route(resources, "llama.default", port=8443).cluster == cluster_name(Priority.STANDARD)
     assert _route(resources, "mistral.prod:9000", port=8443).cluster == cluster_name(
         Priority.STANDARD, 9000, "mistral.prod.svc.cluster.local"
@@ -251,7 +252,7 @@ def test_inbound_forwards_to_the_pods_own_workload() -> None:
 
 def test_inbound_is_empty_for_a_pod_that_serves_nothing() -> None:
     resources = build(llama_world(), proxy(pod="client-0", ip="10.0.0.1"), {})
-    (inbound,) = [r for r in resources[ROUTE_TYPE] if r.name == "inbound"]
+    (inbound,) = [r for r in resources[xds.ROUTE] if r.name == "inbound"]
     assert not inbound.virtual_hosts
     assert isinstance(simulate.route(resources, port=15006, authority="llama"), simulate.NoRoute)
 
@@ -266,5 +267,5 @@ def test_inbound_matches_by_address_when_the_endpoint_names_no_pod() -> None:
 
 def test_inbound_listener_is_only_for_sidecars() -> None:
     for other in (gateway(), proxy(proxyless=True)):
-        names = [listener.name for listener in build(llama_world(), other, {})[LISTENER_TYPE]]
+        names = [listener.name for listener in build(llama_world(), other, {})[xds.LISTENER]]
         assert "virtualInbound" not in names

@@ -7,15 +7,16 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from mesh import xds
 from mesh.model import Priority
-from routing import CLUSTER_TYPE, clusters
+from routing import clusters
 from tests.routing.factories import build, cluster_name, config, llama_world, proxy
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def _cluster(resources: Any, name: str) -> Any:
-    (found,) = [c for c in resources[CLUSTER_TYPE] if c.name == name]
+    (found,) = [c for c in resources[xds.CLUSTER] if c.name == name]
     return found
 
 
@@ -86,7 +87,7 @@ def test_lower_classes_get_a_share_of_ready_capacity() -> None:
 
 def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
     resources = build(llama_world(), proxy(proxyless=True), {})
-    for cluster in resources[CLUSTER_TYPE]:
+    for cluster in resources[xds.CLUSTER]:
         assert cluster.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
         assert not cluster.typed_extension_protocol_options
 

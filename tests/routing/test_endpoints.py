@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
+from mesh import xds
 from mesh.model import MtlsMode, Priority
-from routing import ENDPOINT_TYPE, endpoints, simulate
+from routing import endpoints, simulate
 from routing.simulate import SimEndpoint
 from tests.routing.factories import (
     build,
@@ -56,7 +57,7 @@ def test_no_ready_endpoints_gives_an_empty_assignment() -> None:
 
 def test_every_locality_has_weight_1_and_the_high_overprovisioning_factor() -> None:
     resources = build(llama_world(), proxy(), {})
-    for assignment in resources[ENDPOINT_TYPE]:
+    for assignment in resources[xds.ENDPOINT]:
         assert assignment.policy.overprovisioning_factor.value == (
             endpoints.OVERPROVISIONING_FACTOR
         )
@@ -114,7 +115,7 @@ def test_envoys_default_factor_would_spill_early() -> None:
     """The reason for the factor: with Envoy's default 140, one of two GPU hosts down
     already sends 30 % to the fallback."""
     resources = build(llama_world(), proxy(), {})
-    for assignment in resources[ENDPOINT_TYPE]:
+    for assignment in resources[xds.ENDPOINT]:
         assignment.ClearField("policy")
     assert simulate.priority_loads(resources, CRITICAL, frozenset({("10.0.0.1", 9000)})) == (
         70,

@@ -13,6 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh import xds
 from mesh.model import (
     Endpoint,
     InferenceService,
@@ -23,13 +24,6 @@ from mesh.model import (
     World,
 )
 from mesh.proxy import Proxy
-from routing import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    LISTENER_TYPE,
-    ROUTE_TYPE,
-    resource_name,
-)
 from tests.routing.factories import (
     build,
     config,
@@ -48,9 +42,9 @@ def _bytes(resources: dict[str, list[Any]]) -> dict[str, list[bytes]]:
 
 def _references_resolve(resources: dict[str, list[Any]]) -> None:
     """Every RDS name a listener uses and every EDS cluster's assignment is present."""
-    routes = {resource_name(r) for r in resources[ROUTE_TYPE]}
-    assignments = {resource_name(a) for a in resources[ENDPOINT_TYPE]}
-    for listener in resources[LISTENER_TYPE]:
+    routes = {xds.resource_name(r) for r in resources[xds.ROUTE]}
+    assignments = {xds.resource_name(a) for a in resources[xds.ENDPOINT]}
+    for listener in resources[xds.LISTENER]:
         packed = (
             [listener.api_listener.api_listener]
             if listener.HasField("api_listener")
@@ -60,10 +54,10 @@ def _references_resolve(resources: dict[str, list[Any]]) -> None:
             manager = hcm_pb2.HttpConnectionManager()
             assert any_config.Unpack(manager)
             assert manager.rds.route_config_name in routes
-    eds = {c.name for c in resources[CLUSTER_TYPE] if c.type == cluster_pb2.Cluster.EDS}
+    eds = {c.name for c in resources[xds.CLUSTER] if c.type == cluster_pb2.Cluster.EDS}
     assert eds == assignments
     for kind in resources.values():
-        names = [resource_name(m) for m in kind]
+        names = [xds.resource_name(m) for m in kind]
         assert names == sorted(set(names))
 
 
@@ -82,9 +76,9 @@ def test_same_inputs_give_identical_bytes(who: Proxy) -> None:
 
 def test_returns_every_type_even_when_empty() -> None:
     resources = build(World(), proxy(), {})
-    assert set(resources) == {LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE}
-    assert [resource_name(r) for r in resources[ROUTE_TYPE]] == ["inbound", "outbound"]
-    assert resources[CLUSTER_TYPE] == []
+    assert set(resources) == {xds.LISTENER, xds.ROUTE, xds.CLUSTER, xds.ENDPOINT}
+    assert [xds.resource_name(r) for r in resources[xds.ROUTE]] == ["inbound", "outbound"]
+    assert resources[xds.CLUSTER] == []
 
 
 def test_service_and_endpoint_order_does_not_matter() -> None:
@@ -117,7 +111,7 @@ def test_udp_ports_are_not_routed() -> None:
         config(),
     )
     resources = build(world(svc), proxy(), {})
-    assert {c.name.split("|")[1] for c in resources[CLUSTER_TYPE]} == {"8000"}
+    assert {c.name.split("|")[1] for c in resources[xds.CLUSTER]} == {"8000"}
 
 
 _names = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)
@@ -167,7 +161,7 @@ def test_any_world_gives_consistent_config(the_world: World, kind: str, namespac
     }[kind]
     resources = build(the_world, who, {(namespace, "p1"): proxy(pod="p1", namespace=namespace)})
     _references_resolve(resources)
-    for route_config in resources[ROUTE_TYPE]:
+    for route_config in resources[xds.ROUTE]:
         domains = [d for vhost in route_config.virtual_hosts for d in vhost.domains]
         assert len(domains) == len(set(domains))
         assert all(vhost.domains for vhost in route_config.virtual_hosts)

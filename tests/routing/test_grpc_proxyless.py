@@ -22,8 +22,8 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
+from mesh import xds
 from mesh.model import Priority
-from routing import ENDPOINT_TYPE, resource_name
 from tests.routing.factories import HOST, build, config, endpoint, proxy, service, world
 
 _METHOD = "/inferlane.test.Echo/Call"
@@ -62,7 +62,7 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
             nonce += 1
             packed = []
             for message in self._resources.get(request.type_url, []):
-                if resource_name(message) in wanted:
+                if xds.resource_name(message) in wanted:
                     item = any_pb2.Any()
                     item.Pack(message, deterministic=True)
                     packed.append(item)
@@ -84,7 +84,7 @@ def _echo_server(name: str) -> tuple[Any, int]:
 
 
 def _point_classes(resources: dict[str, list[Any]], critical: int, other: int) -> None:
-    for assignment in resources[ENDPOINT_TYPE]:
+    for assignment in resources[xds.ENDPOINT]:
         port = critical if f"|{Priority.CRITICAL.value}|" in assignment.cluster_name else other
         for locality in assignment.endpoints:
             for lb in locality.lb_endpoints:

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mesh import xds
 from mesh.model import InferenceService, Priority, ServicePort
 from routing import names
 from routing.catalog import served_ports
@@ -11,12 +12,10 @@ from tests.routing.factories import config, service
 
 
 def test_type_urls_are_the_envoy_v3_ones() -> None:
-    assert names.LISTENER_TYPE == "type.googleapis.com/envoy.config.listener.v3.Listener"
-    assert names.ROUTE_TYPE == "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-    assert names.CLUSTER_TYPE == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    assert (
-        names.ENDPOINT_TYPE == "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-    )
+    assert xds.LISTENER == "type.googleapis.com/envoy.config.listener.v3.Listener"
+    assert xds.ROUTE == "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    assert xds.CLUSTER == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    assert xds.ENDPOINT == "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
 @pytest.mark.parametrize(

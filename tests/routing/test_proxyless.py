@@ -6,9 +6,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from mesh import xds
 from mesh.model import Priority
-from routing import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, simulate
 from routing import proxyless as proxyless_mod
+from routing import simulate
 from tests.routing.factories import (
     HOST,
     build,
@@ -32,9 +33,9 @@ def _manager(listener: Any) -> Any:
 def test_one_api_listener_per_service_port_named_as_the_target() -> None:
     two = world(service(ports=(8000, 8001)), service("mistral", "prod", ports=(50051,)))
     resources = build(two, proxy(proxyless=True), {})
-    names = [listener.name for listener in resources[LISTENER_TYPE]]
+    names = [listener.name for listener in resources[xds.LISTENER]]
     assert names == [TARGET, f"{HOST}:8001", "mistral.prod.svc.cluster.local:50051"]
-    for listener in resources[LISTENER_TYPE]:
+    for listener in resources[xds.LISTENER]:
         assert listener.HasField("api_listener")
         assert not listener.HasField("address")
         assert not listener.filter_chains
@@ -42,7 +43,7 @@ def test_one_api_listener_per_service_port_named_as_the_target() -> None:
         assert manager.rds.route_config_name == listener.name
         assert manager.rds.config_source.HasField("ads")
         assert [f.name for f in manager.http_filters] == ["envoy.filters.http.router"]
-    assert [r.name for r in resources[ROUTE_TYPE]] == names
+    assert [r.name for r in resources[xds.ROUTE]] == names
 
 
 def test_extra_filters_are_optional_and_the_router_is_last() -> None:
@@ -58,7 +59,7 @@ def test_extra_filters_are_optional_and_the_router_is_last() -> None:
 
 def test_the_virtual_host_matches_the_target_and_routes_by_class() -> None:
     resources = build(llama_world(), proxy(proxyless=True), {})
-    (route_config,) = resources[ROUTE_TYPE]
+    (route_config,) = resources[xds.ROUTE]
     assert TARGET in route_config.virtual_hosts[0].domains
     for value, served in (("critical", Priority.CRITICAL), ("nope", Priority.STANDARD)):
         decision = simulate.route(
@@ -72,7 +73,7 @@ def test_proxyless_routes_carry_a_stream_duration_and_the_grpc_retry_code() -> N
     resources = build(
         llama_world(config(timeouts={Priority.CRITICAL: 20})), proxy(proxyless=True), {}
     )
-    (route_config,) = resources[ROUTE_TYPE]
+    (route_config,) = resources[xds.ROUTE]
     critical = route_config.virtual_hosts[0].routes[0].route
     assert critical.max_stream_duration.max_stream_duration.seconds == 20
     assert "unavailable" in critical.retry_policy.retry_on.split(",")
@@ -90,7 +91,7 @@ def test_proxyless_clients_are_clamped_too() -> None:
 
 def test_every_locality_has_a_non_zero_weight_and_clusters_exist() -> None:
     resources = build(llama_world(), proxy(proxyless=True), {})
-    assert len(resources[CLUSTER_TYPE]) == 3
-    for assignment in resources[ENDPOINT_TYPE]:
+    assert len(resources[xds.CLUSTER]) == 3
+    for assignment in resources[xds.ENDPOINT]:
         assert assignment.endpoints
         assert all(loc.load_balancing_weight.value > 0 for loc in assignment.endpoints)

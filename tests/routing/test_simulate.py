@@ -15,7 +15,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
-from routing import CLUSTER_TYPE, LISTENER_TYPE, listeners, simulate
+from mesh import xds
+from routing import listeners, simulate
 from routing.simulate import Decision, NoRoute
 
 
@@ -35,7 +36,7 @@ def _resources(*vhosts: Any) -> dict[str, list[Any]]:
         route_config=route_pb2.RouteConfiguration(name="inline", virtual_hosts=vhosts),
     )
     listener = listeners.socket_listener("l", "0.0.0.0", 80, manager, direction=0)
-    return {LISTENER_TYPE: [listener]}
+    return {xds.LISTENER: [listener]}
 
 
 def _cluster_of(resources: Any, authority: str, path: str = "/", **headers: str) -> str:
@@ -162,7 +163,7 @@ def test_unmodelled_matches_are_reported() -> None:
 
 def test_missing_rds_is_reported() -> None:
     manager = listeners.http_connection_manager("t", "absent")
-    resources = {LISTENER_TYPE: [listeners.socket_listener("l", "::", 80, manager, direction=0)]}
+    resources = {xds.LISTENER: [listeners.socket_listener("l", "::", 80, manager, direction=0)]}
     assert simulate.route(resources, port=80, authority="h") == NoRoute(
         "no route configuration 'absent'"
     )
@@ -195,7 +196,7 @@ def _static_cluster(*priorities: int) -> Any:
 
 
 def test_static_cluster_endpoints_and_default_factor_loads() -> None:
-    resources = {CLUSTER_TYPE: [_static_cluster(0, 1)]}
+    resources = {xds.CLUSTER: [_static_cluster(0, 1)]}
     found = simulate.cluster_endpoints(resources, "s")
     assert not isinstance(found, NoRoute)
     assert [(e.address, e.priority) for e in found] == [

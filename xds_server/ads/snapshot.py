@@ -40,12 +40,6 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def resource_name(message: Any) -> str:
-    if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
-        return str(message.cluster_name)
-    return str(message.name)
-
-
 _TYPE_OF_CLASS: dict[Any, str] = {
     listener_pb2.Listener: xds.LISTENER,
     route_pb2.RouteConfiguration: xds.ROUTE,
@@ -122,7 +116,7 @@ class ResourceInterner:
     def make(self, message: Any) -> Resource:
         type_url = type_url_of(message)
         body = message.SerializeToString(deterministic=True)
-        name = resource_name(message)
+        name = xds.resource_name(message)
         version = digest(body)
         key = (type_url, name, version)
         found = self._live.get(key)

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 
+from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ DEFAULT_XDS_PORT = 15012
 #: dialled: every replica's certificate carries it (as ``inferlane bootstrap`` expects).
 DEFAULT_SERVER_NAME = "inferlane"
 
-TOKEN_AUDIENCE = "inferlane"
 TOKEN_VOLUME = "inferlane-token"
 TOKEN_DIR = "/var/run/secrets/inferlane"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
