@@ -127,6 +127,12 @@ class RateLimitMetrics:
             ["backend"],
             registry=r,
         )
+        self.failure_mode_decisions = Counter(
+            "inferlane_ratelimit_failure_mode_decisions_total",
+            "Descriptors decided by the failure mode because the counter store failed.",
+            ["mode"],
+            registry=r,
+        )
 
 
 def escape(part: str) -> str:
@@ -224,6 +230,9 @@ class Counters(abc.ABC):
                 self.metrics.decisions.labels(domain, d.rule.name, d.result).inc()
         for (_, rule, _), inc in zip(counted, increments, strict=True):
             self.metrics.hits.labels(domain, rule.name).inc(inc.hits)
+        failed = sum(1 for d in out if d.backend_error)
+        if failed:
+            self.metrics.failure_mode_decisions.labels(str(self.failure_mode)).inc(failed)
         return out
 
     async def _guarded_increment(self, increments: Sequence[Increment]) -> list[int | None]:

@@ -174,6 +174,8 @@ async def test_redis_down_decides_by_failure_mode(
             assert d.allowed is allowed
             assert d.result is (Result.OK if allowed else Result.OVER_LIMIT)
             assert _value(r, "inferlane_ratelimit_redis_errors_total") == expected_errors
+            decided = _value(r, "inferlane_ratelimit_failure_mode_decisions_total", mode=str(mode))
+            assert decided == expected_errors
         assert _value(r, "inferlane_ratelimit_backend_up", backend="redis") == 0
         assert not await counters.ping()
         # One warning when Redis went away, not one per request.

@@ -33,7 +33,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -49,9 +49,7 @@ from ratelimit.adaptive import (
     SaturationSample,
 )
 from ratelimit.counters import (
-    Check,
     Counters,
-    Decision,
     FailureMode,
     InMemoryCounters,
     RateLimitMetrics,
@@ -157,39 +155,16 @@ class RuntimeMetrics:
             ["mode"],
             registry=registry,
         )
-        self.failure_mode_decisions = Counter(
-            "inferlane_ratelimit_failure_mode_decisions_total",
-            "Descriptors decided by the failure mode because the counter store failed.",
-            ["mode"],
-            registry=registry,
-        )
 
 
-class _FailureCountingRedis(RedisCounters):
-    """Redis counters that also count the decisions the failure mode made."""
-
-    decided_by_failure_mode: Any = None
-
-    async def check(self, domain: str, checks: Sequence[Check]) -> list[Decision]:
-        decisions = await super().check(domain, checks)
-        failed = sum(1 for d in decisions if d.backend_error)
-        if failed and self.decided_by_failure_mode is not None:
-            self.decided_by_failure_mode.labels(str(self.failure_mode)).inc(failed)
-        return decisions
-
-
-def _counters(
-    settings: RateLimitSettings, metrics: RateLimitMetrics, runtime: RuntimeMetrics
-) -> Counters:
+def _counters(settings: RateLimitSettings, metrics: RateLimitMetrics) -> Counters:
     if settings.redis_url:
-        counters = _FailureCountingRedis(
+        return RedisCounters(
             settings.redis_url,
             failure_mode=settings.failure_mode,
             metrics=metrics,
             timeout_s=settings.redis_timeout_s,
         )
-        counters.decided_by_failure_mode = runtime.failure_mode_decisions
-        return counters
     return InMemoryCounters(failure_mode=settings.failure_mode, metrics=metrics)
 
 
@@ -236,7 +211,7 @@ class RateLimitRuntime:
             self.metrics.failure_mode.labels(str(mode)).set(
                 1 if mode is self.settings.failure_mode else 0
             )
-        self.counters = _counters(self.settings, RateLimitMetrics(self.registry), self.metrics)
+        self.counters = _counters(self.settings, RateLimitMetrics(self.registry))
         self.service = RateLimitService(self.counters, shadow_mode=self.settings.shadow_mode)
         self.controller = AdaptiveController(
             self.settings.adaptive, clock=clock, metrics=AdaptiveMetrics(self.registry)
