@@ -41,7 +41,7 @@ from routing.generator import MeshGenerator
 from routing.secure import SecurityOptions
 from xds_server.admin import Admin, serving_admin
 from xds_server.ads.cache import ConfigCache
-from xds_server.ads.debounce import Debouncer, DebounceSettings
+from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, PushRequest
 from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
@@ -132,9 +132,11 @@ class ControlPlane:
         self.xds = XdsServer(self.cache, settings=settings.server)
         self.world: World | None = None
         self.debouncer = Debouncer(settings.debounce, self._flush)
-        self.xds.on_sidecars_changed = self.debouncer.trigger
+        self.xds.on_sidecars_changed = lambda: self.debouncer.trigger(PushReason.PROXY)
         #: The global rate-limit service and the adaptive loop; a limit change is a change.
-        self.ratelimits = RateLimitRuntime(settings.ratelimit, on_change=self.debouncer.trigger)
+        self.ratelimits = RateLimitRuntime(
+            settings.ratelimit, on_change=lambda: self.debouncer.trigger(PushReason.ADAPTIVE)
+        )
         self.admin = Admin(
             self.xds,
             services=lambda: describe_world(self.world),
@@ -171,7 +173,7 @@ class ControlPlane:
         self.ratelimits.set_world(world)
         if first:
             log.info("first world loaded: %d inference services", len(world.services))
-        self.debouncer.trigger()
+        self.debouncer.trigger(PushReason.WORLD)
 
     def _identity(self, proxy: Any) -> Identity | None:
         if self.world is None:
@@ -182,7 +184,7 @@ class ControlPlane:
         found = (self._identity(c.proxy) for c in self.xds.connections.values())
         return {identity for identity in found if identity is not None}
 
-    async def _flush(self, first_change: float) -> None:
+    async def _flush(self, push: PushRequest) -> None:
         if self.world is None:
             return
         # Endpoints are addressed through a sidecar (over mTLS) only if it can terminate
@@ -196,9 +198,8 @@ class ControlPlane:
             limits=self.ratelimits.options(),
             previous=self._generator,
         )
-        self.cache.update(self._generator, first_change)
-        woken = self.xds.push_all()
-        log.debug("generation %d: pushing to %d streams", self.cache.generation, woken)
+        self.cache.update(self._generator, push.first_change)
+        self.xds.push_all(push)
 
     async def _certs_page(self, request: web.Request) -> web.Response:
         if self.secrets is None:
@@ -250,7 +251,7 @@ class ControlPlane:
         )
         log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
         self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl)
-        self.secrets.on_change = self.debouncer.trigger
+        self.secrets.on_change = lambda: self.debouncer.trigger(PushReason.SECRET)
         tokens = self.tokens
         if tokens is None and api is not None and self.settings.kubernetes:
             tokens = KubernetesTokenReviewer(AuthenticationV1Api(api), sec.token_audience)

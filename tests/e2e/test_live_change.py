@@ -17,10 +17,12 @@ from mesh.manifests import ManifestSource
 from mesh.model import PRIORITY_HEADER
 from tests.e2e.harness import (
     Client,
+    admin_text,
     control_plane,
     header,
     http_session,
     inference_service,
+    metric,
     model_pod,
     sidecar,
     write_manifests,
@@ -94,3 +96,8 @@ async def test_annotation_changes_are_live_within_a_second(tmp_path: Path) -> No
 
                 took.append(await _time_until(live, BUDGET_S))
             assert max(took) < BUDGET_S, took
+            # Each push says why it happened: the world changed, a sidecar connected.
+            assert "inferlane_xds_push_triggers_total" in await admin_text(plane, "/metrics")
+            triggers = "inferlane_xds_push_triggers_total"
+            assert metric(plane, triggers, reason="world") >= len(changes)
+            assert metric(plane, triggers, reason="proxy") >= 1

@@ -85,6 +85,13 @@ class XdsMetrics:
             "Snapshots that could not be generated; the proxy keeps its last config.",
             registry=r,
         )
+        self.push_triggers = Counter(
+            "inferlane_xds_push_triggers_total",
+            "Pushes by the reasons they carry (world, proxy, secret, adaptive); a push with "
+            "several reasons counts once under each.",
+            ["reason"],
+            registry=r,
+        )
         self.generation = Gauge(
             "inferlane_xds_config_generation", "The current config generation.", registry=r
         )

@@ -16,7 +16,6 @@ from ``wire.py``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -33,7 +32,9 @@ from google.protobuf.message import DecodeError
 from mesh import xds
 from mesh.proxy import NodeIdError, Proxy, ProxyKind, proxy_from_node
 from xds_server.ads.cache import ConfigCache, GenerationError
+from xds_server.ads.debounce import PushRequest
 from xds_server.ads.metrics import XdsMetrics
+from xds_server.ads.pushqueue import PushQueue
 from xds_server.ads.stream import Outcome, ProtocolError, StreamState
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 _WAKE = object()
 _EOF = object()
+
+
+@dataclass
+class _Arrived:
+    """What one drain of a stream's queue found."""
+
+    requests: list[bytes] = field(default_factory=list)
+    #: The push queue woke the stream: a new generation may be due.
+    woken: bool = False
+    #: The client closed its side (or the read failed).
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,60 +98,6 @@ class StreamAuthorizer:
     async def admit(self, proxy: Proxy, context: grpc.aio.ServicerContext) -> Proxy | Refusal:
         """The proxy to serve (possibly narrowed, e.g. to receive no secrets), or why not."""
         return proxy
-
-
-class PushQueue:
-    """At most one pending push per connection, and at most ``limit`` in progress.
-
-    As Istio's ``pushqueue.go``: a connection already waiting is not queued twice (it
-    takes the newest snapshot when its turn comes), one being pushed is queued again
-    when it finishes. A finishing push hands its slot to the next connection directly,
-    so a push to ten thousand streams wakes each stream once and creates no waiters.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._order: collections.deque[Connection] = collections.deque()
-        self._pending: set[int] = set()
-        self._active: set[int] = set()
-        self._again: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def enqueue(self, conn: Connection) -> None:
-        if conn.id in self._active:
-            self._again.add(conn.id)
-        else:
-            self._add(conn)
-        self._dispatch()
-
-    def done(self, conn: Connection) -> None:
-        self._active.discard(conn.id)
-        if conn.id in self._again:
-            self._again.discard(conn.id)
-            self._add(conn)
-        self._dispatch()
-
-    def forget(self, conn: Connection) -> None:
-        self._pending.discard(conn.id)  # its entry in the order is skipped when reached
-        self._again.discard(conn.id)
-        if conn.id in self._active:
-            self.done(conn)
-
-    def _add(self, conn: Connection) -> None:
-        if conn.id not in self._pending:
-            self._pending.add(conn.id)
-            self._order.append(conn)
-
-    def _dispatch(self) -> None:
-        while self._order and len(self._active) < self.limit:
-            conn = self._order.popleft()
-            if conn.id not in self._pending:
-                continue
-            self._pending.discard(conn.id)
-            self._active.add(conn.id)
-            conn.wake()
 
 
 @dataclass(eq=False)
@@ -221,9 +179,19 @@ class XdsServer:
 
     # -- pushes ---------------------------------------------------------------------
 
-    def push_all(self) -> int:
-        """Wake every stream to pick up the cache's current generation."""
+    def push_all(self, request: PushRequest | None = None) -> int:
+        """Wake every stream to pick up the cache's current generation; ``request`` says
+        why (its reasons are counted in ``inferlane_xds_push_triggers_total``)."""
         self.metrics.generation.set(self.cache.generation)
+        if request is not None:
+            for reason in request.reasons:
+                self.metrics.push_triggers.labels(reason).inc()
+            log.debug(
+                "generation %d for %s: waking %d streams",
+                self.cache.generation,
+                request.describe(),
+                len(self.connections),
+            )
         for conn in self.connections.values():
             self.pushes.enqueue(conn)
         return len(self.connections)
@@ -245,57 +213,86 @@ class XdsServer:
     # -- one stream -----------------------------------------------------------------
 
     async def _serve(self, context: grpc.aio.ServicerContext, *, delta: bool) -> None:
-        parse = (
-            discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
-        ).FromString
+        """One stream: drain what arrived, apply the requests, then push what is due."""
         queue: asyncio.Queue[object] = asyncio.Queue()
         reader = asyncio.create_task(self._read(context, queue), name="xds-reader")
         conn: Connection | None = None
         try:
             while True:
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                wake = False
-                for item in batch:
-                    if item is _EOF:
-                        return
-                    if item is _WAKE:
-                        wake = True
-                        continue
-                    assert isinstance(item, bytes)
-                    try:
-                        req = parse(item)
-                    except DecodeError as exc:
-                        await self._refuse(context, conn, "malformed", f"malformed request: {exc}")
-                    if conn is None:
-                        conn = await self._open(context, req, delta, queue)
-                    elif req.HasField("node") and req.node.id and req.node.id != conn.proxy.node_id:
-                        await self._refuse(
-                            context,
-                            conn,
-                            "node_changed",
-                            f"node ID changed mid-stream from {conn.proxy.node_id!r} "
-                            f"to {req.node.id!r}",
-                        )
-                    await self._handle(context, conn, req)
-                if conn is None:
-                    continue
-                if wake:
-                    conn.wake_queued = False
-                    try:
-                        self._refresh(conn)
-                        await self._write(context, conn)
-                    finally:
-                        self.pushes.done(conn)
-                else:
-                    await self._write(context, conn)
+                arrived = await self._drain(queue)
+                conn = await self._apply(context, conn, arrived.requests, delta, queue)
+                if arrived.closed:
+                    return
+                if conn is not None:
+                    await self._push(context, conn, woken=arrived.woken)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             if conn is not None:
                 self._close(conn)
+
+    @staticmethod
+    async def _drain(queue: asyncio.Queue[object]) -> _Arrived:
+        """Wait for something on the stream's queue, then take everything there is."""
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        arrived = _Arrived()
+        for item in items:
+            if item is _EOF:
+                arrived.closed = True
+                break
+            if item is _WAKE:
+                arrived.woken = True
+            else:
+                assert isinstance(item, bytes)
+                arrived.requests.append(item)
+        return arrived
+
+    async def _apply(
+        self,
+        context: grpc.aio.ServicerContext,
+        conn: Connection | None,
+        requests: list[bytes],
+        delta: bool,
+        queue: asyncio.Queue[object],
+    ) -> Connection | None:
+        """Parse and apply requests in order; the first one opens the connection."""
+        parse = (
+            discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
+        ).FromString
+        for raw in requests:
+            try:
+                req = parse(raw)
+            except DecodeError as exc:
+                await self._refuse(context, conn, "malformed", f"malformed request: {exc}")
+            if conn is None:
+                conn = await self._open(context, req, delta, queue)
+            elif req.HasField("node") and req.node.id and req.node.id != conn.proxy.node_id:
+                await self._refuse(
+                    context,
+                    conn,
+                    "node_changed",
+                    f"node ID changed mid-stream from {conn.proxy.node_id!r} to {req.node.id!r}",
+                )
+            await self._handle(context, conn, req)
+        return conn
+
+    async def _push(
+        self, context: grpc.aio.ServicerContext, conn: Connection, *, woken: bool
+    ) -> None:
+        """Write what is due. A wake-up from the push queue first takes the newest
+        snapshot, and hands the queue slot on when done."""
+        if not woken:
+            await self._write(context, conn)
+            return
+        conn.wake_queued = False
+        try:
+            self._refresh(conn)
+            await self._write(context, conn)
+        finally:
+            self.pushes.done(conn)
 
     async def _read(self, context: grpc.aio.ServicerContext, queue: asyncio.Queue[object]) -> None:
         try:
