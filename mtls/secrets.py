@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
@@ -95,6 +96,23 @@ class SecretStore:
 
     def identities(self) -> list[Identity]:
         return sorted(self._bundles)
+
+    def describe(self) -> dict[str, Any]:
+        """The CA's root and each served identity's certificate (never a key), as data."""
+        return {
+            "trust_domain": self.trust_domain,
+            "root_sha256": self.ca.root_fingerprint,
+            "issued": self.issued,
+            "renewed": self.renewed,
+            "identities": [
+                {
+                    "identity": str(identity),
+                    "serial": f"{bundle.serial:x}",
+                    "not_after": bundle.not_after.isoformat(),
+                }
+                for identity, bundle in sorted(self._bundles.items())
+            ],
+        }
 
     def rotate_all(self) -> int:
         """Replace every certificate now (on the next generation); how many there were."""

@@ -1,16 +1,20 @@
 """The admin HTTP surface: health, readiness, Prometheus metrics and debug pages.
 
-Every page is listed, with what it shows, at ``/``; pages that other parts of inferlane
-add (``add_page``) appear there too.
+The admin renders every page. Other parts of inferlane hand it plain data: a runtime
+registers a JSON page with :meth:`Admin.add_json_page` and a function returning
+JSON-ready data, and never touches HTTP itself. Every page is listed, with what it
+shows, at ``/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh import xds
+from mesh.model import World
 from xds_server.ads.server import XdsServer
 from xds_server.ads.snapshot import decode
 
@@ -48,12 +53,12 @@ class Admin:
         self,
         xds: XdsServer,
         *,
-        services: Callable[[], Any] = lambda: [],
+        world: Callable[[], World | None] = lambda: None,
         ready: Callable[[], bool] = lambda: True,
         registries: tuple[CollectorRegistry, ...] = (),
     ) -> None:
         self.xds = xds
-        self.services = services
+        self.world = world
         self.ready = ready
         self.registries = (xds.metrics.registry, *registries)
         self.pages: list[Page] = []
@@ -82,6 +87,14 @@ class Admin:
     def add_page(self, path: str, description: str, handler: Handler) -> None:
         self.pages.append(Page(path, description))
         self.app.router.add_get(path, handler)
+
+    def add_json_page(self, path: str, description: str, data: Callable[[], Any]) -> None:
+        """A page showing ``data()``, which returns JSON-ready data (dicts, lists, scalars)."""
+
+        async def render(request: web.Request) -> web.Response:
+            return _json(data())
+
+        self.add_page(path, description, render)
 
     async def _index(self, request: web.Request) -> web.Response:
         pages = [{"path": p.path, "description": p.description} for p in self.pages]
@@ -136,10 +149,48 @@ class Admin:
         )
 
     async def _services(self, request: web.Request) -> web.Response:
-        return _json(self.services())
+        return _json(describe_world(self.world()))
 
     async def _connections(self, request: web.Request) -> web.Response:
         return _json([c.describe() for c in self.xds.connections.values()])
+
+
+def plain(value: Any) -> Any:
+    """Frozen model values as JSON-ready data (mappings, lists, enum values)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(plain(k)): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    return value
+
+
+def describe_world(world: World | None) -> dict[str, Any]:
+    """``/debug/services``: every inference Service as parsed, with its errors."""
+    if world is None:
+        return {"loaded": False, "services": [], "source_errors": []}
+    return {
+        "loaded": True,
+        "services": [
+            {
+                "namespace": svc.namespace,
+                "name": svc.name,
+                "hostname": svc.hostname,
+                "ports": plain(svc.ports),
+                "config": plain(svc.config),
+                "errors": [
+                    {"annotation": e.annotation, "value": e.value, "message": e.message}
+                    for e in svc.errors
+                ],
+                "endpoints": plain(svc.endpoints),
+            }
+            for svc in world.services
+        ],
+        "source_errors": plain(world.source_errors),
+    }
 
 
 @contextlib.asynccontextmanager

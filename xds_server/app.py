@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import enum
 import json
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
 
 from mesh.model import World
 from mesh.sources import WorldSource
@@ -73,44 +70,6 @@ class ServeSettings:
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
 
 
-def plain(value: Any) -> Any:
-    """Frozen model values as JSON-ready data (mappings, lists, enum values)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(plain(k)): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [plain(v) for v in value]
-    return value
-
-
-def describe_world(world: World | None) -> dict[str, Any]:
-    """``/debug/services``: every inference Service as parsed, with its errors."""
-    if world is None:
-        return {"loaded": False, "services": [], "source_errors": []}
-    return {
-        "loaded": True,
-        "services": [
-            {
-                "namespace": svc.namespace,
-                "name": svc.name,
-                "hostname": svc.hostname,
-                "ports": plain(svc.ports),
-                "config": plain(svc.config),
-                "errors": [
-                    {"annotation": e.annotation, "value": e.value, "message": e.message}
-                    for e in svc.errors
-                ],
-                "endpoints": plain(svc.endpoints),
-            }
-            for svc in world.services
-        ],
-        "source_errors": plain(world.source_errors),
-    }
-
-
 class ControlPlane:
     """The running control plane: source -> world -> cache -> streams.
 
@@ -139,19 +98,19 @@ class ControlPlane:
         )
         self.admin = Admin(
             self.xds,
-            services=lambda: describe_world(self.world),
+            world=lambda: self.world,
             ready=self._ready,
             registries=(self.ratelimits.registry,),
         )
-        self.admin.add_page(
+        self.admin.add_json_page(
             "/debug/ratelimits",
             "global rate-limit rules and counter store; adaptive limits per endpoint, with reasons",
-            self.ratelimits.debug_page,
+            self.ratelimits.describe,
         )
-        self.admin.add_page(
+        self.admin.add_json_page(
             "/debug/certs",
             "the mesh CA's root and each served identity's certificate (no keys)",
-            self._certs_page,
+            self._describe_certs,
         )
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
@@ -201,29 +160,11 @@ class ControlPlane:
         self.cache.update(self._generator, push.first_change)
         self.xds.push_all(push)
 
-    async def _certs_page(self, request: web.Request) -> web.Response:
+    def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
-            return web.json_response({"ready": False})
-        identities = []
-        for identity in self.secrets.identities():
-            bundle = self.secrets.bundle(identity)
-            identities.append(
-                {
-                    "identity": str(identity),
-                    "serial": f"{bundle.serial:x}",
-                    "not_after": bundle.not_after.isoformat(),
-                }
-            )
-        body = {
-            "ready": True,
-            "trust_domain": self.secrets.trust_domain,
-            "root_sha256": self.secrets.ca.root_fingerprint,
-            "issued": self.secrets.issued,
-            "renewed": self.secrets.renewed,
-            "identities": identities,
-            "tls_handshakes_refused": self.tls_front.refused if self.tls_front else 0,
-        }
-        return web.json_response(body, dumps=lambda d: json.dumps(d, indent=2, sort_keys=True))
+            return {"ready": False}
+        refused = self.tls_front.refused if self.tls_front else 0
+        return {"ready": True, **self.secrets.describe(), "tls_handshakes_refused": refused}
 
     async def _kubernetes_api(self, stack: contextlib.AsyncExitStack) -> Any | None:
         """An API client, when something needs one: the CA Secret or token reviews."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -38,7 +37,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mesh.model import PRIORITIES, Endpoint, InferenceService, World
@@ -378,12 +376,6 @@ class RateLimitRuntime:
             for port in served_ports(svc)
             for endpoint in svc.endpoints_for(port.port)
         ]
-
-    async def debug_page(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            self.describe(),
-            dumps=lambda d: json.dumps(d, indent=2, sort_keys=True, default=str),
-        )
 
 
 @contextlib.asynccontextmanager
