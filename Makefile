@@ -29,7 +29,7 @@ bench: venv
 	$(BIN)/python -m bench.rls
 
 demo: venv
-	$(BIN)/inferlane demo
+	$(BIN)/python -m bench.demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""``inferlane demo``: the same overload through inferlane and through a plain Service.
+"""The demo (``make demo``, ``python -m bench.demo``): one overload through inferlane and
+through a plain Service.
 
 Everything runs on this machine, on loopback addresses that stand in for pod IPs:
 
@@ -642,7 +643,7 @@ def _pod_line(pods: Mapping[str, SimStats]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="inferlane demo",
+        prog="python -m bench.demo",
         description="Overload a simulated GPU pool through inferlane and through a plain "
         "round-robin Service, and show what each priority class got.",
     )
@@ -675,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = asyncio.run(run_demo(opts))
     except (ValueError, DemoError, EnvoyMissing) as exc:
-        print(f"inferlane demo: {exc}", file=sys.stderr)
+        print(f"demo: {exc}", file=sys.stderr)
         return 2
     print(format_report(result))
     return 0

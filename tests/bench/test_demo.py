@@ -1,4 +1,4 @@
-"""``inferlane demo`` end to end, and the pieces of it and of ``bench.priority``."""
+"""The demo (``python -m bench.demo``) end to end, and its pieces and ``bench.priority``'s."""
 
 from __future__ import annotations
 

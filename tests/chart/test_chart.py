@@ -8,7 +8,6 @@ it and review the diff:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -33,7 +32,6 @@ from tests.chart.render import (
     validate,
 )
 from xds_server.cli import build_parser
-from xds_server.sidecar.inject import add_inject_parser
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "default.yaml"
 UPDATE_ENV = "INFERLANE_UPDATE_SNAPSHOTS"
@@ -317,9 +315,7 @@ def test_notes_tell_how_to_inject_and_watch() -> None:
     # The inject command in the notes is one that `inferlane inject` accepts.
     command = notes[notes.index("inferlane inject") : notes.index("| kubectl apply")]
     words = shlex.split(command.replace("\\\n", " "))
-    parser = argparse.ArgumentParser(prog="inferlane")
-    add_inject_parser(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(words[1:])
+    parsed = build_parser().parse_args(words[1:])
     assert parsed.xds == f"{RELEASE}.{NAMESPACE}.svc:15012"
 
 

@@ -33,6 +33,7 @@ from mtls.tokens import TOKEN_AUDIENCE
 from tests.chart.render import Obj, validate
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
+from xds_server.cli import main
 from xds_server.sidecar.inject import (
     SIDECAR_NAME,
     TEMPLATE_PATHS,
@@ -42,7 +43,6 @@ from xds_server.sidecar.inject import (
     InjectOptions,
     ManifestLoader,
     inject_text,
-    main,
     split_documents,
 )
 

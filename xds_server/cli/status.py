@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -34,3 +36,22 @@ def format_status(entries: Sequence[dict[str, Any]]) -> str:
     if nacks:
         lines += ["", "NACKs:", *(f"  {n}" for n in nacks)]
     return "\n".join(lines)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    status: argparse.ArgumentParser = subparsers.add_parser(
+        "status", help="each proxy's sync state per xDS type"
+    )
+    status.add_argument("--admin", default="http://127.0.0.1:15014", help="admin URL")
+    status.set_defaults(run=run)
+    return status
+
+
+def run(options: argparse.Namespace) -> int:
+    try:
+        entries = fetch_syncz(options.admin)
+    except OSError as exc:
+        print(f"inferlane status: cannot reach {options.admin}: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(entries))
+    return 0
