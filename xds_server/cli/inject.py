@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mesh.model import CLUSTER_DOMAIN
 from xds_server.sidecar.inject import (
     DEFAULT_SERVER_NAME,
     DEFAULT_XDS_HOST,
@@ -50,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--image", default=ENVOY_IMAGE, help="Envoy image (default: %(default)s)")
     parser.add_argument("--delta", action="store_true", help="use Delta ADS")
     parser.add_argument(
-        "--cluster-domain", default="cluster.local", help="DNS domain of the cluster"
+        "--cluster-domain", default=CLUSTER_DOMAIN, help="DNS domain of the cluster"
     )
     parser.set_defaults(run=run)
     return parser

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from mtls.identity import DEFAULT_TRUST_DOMAIN
 from xds_server.ads.debounce import DebounceSettings
 from xds_server.auth.settings import DEFAULT_PLAINTEXT_SECRETS_FROM, DEFAULT_SERVER_NAMES
 from xds_server.cli import args
@@ -41,8 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sec.add_argument(
         "--trust-domain",
         type=args.trust_domain,
-        default="cluster.local",
-        help="SPIFFE trust domain of workload identities (default cluster.local)",
+        default=DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain of workload identities (default {DEFAULT_TRUST_DOMAIN})",
     )
     ca = sec.add_mutually_exclusive_group()
     ca.add_argument(
