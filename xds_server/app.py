@@ -43,6 +43,8 @@ from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
 from xds_server.auth.tls_front import TlsFront, server_ssl_context
+from xds_server.describer import DESCRIPTION as DESCRIBE_PAGE
+from xds_server.describer import Describer
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,11 @@ class ControlPlane:
             "the mesh CA's root and each served identity's certificate (no keys)",
             self._describe_certs,
         )
+        self.admin.add_query_page(
+            "/debug/describe",
+            DESCRIBE_PAGE,
+            Describer(self.xds, lambda: self._generator, self._adaptive_endpoints),
+        )
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
         #: Set up in run(): the workload secrets and the TLS port's front.
@@ -159,6 +166,10 @@ class ControlPlane:
         )
         self.cache.update(self._generator, push.first_change)
         self.xds.push_all(push)
+
+    def _adaptive_endpoints(self) -> list[dict[str, Any]]:
+        endpoints: list[dict[str, Any]] = self.ratelimits.describe()["adaptive"]["endpoints"]
+        return endpoints
 
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:

