@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from xds_server.cli import main
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cluster"
 
 
-def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, object]]:
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     code = main([*argv, "-o", "json"])
     return code, json.loads(capsys.readouterr().out)
 
@@ -27,7 +28,7 @@ def test_the_example_has_warnings_and_no_errors(capsys: pytest.CaptureFixture[st
     code, report = run_json(["analyze", "-f", str(EXAMPLES)], capsys)
     assert code == 0
     assert report["errors"] == 0
-    found = {(f["code"], f["object"]) for f in report["findings"]}  # type: ignore[attr-defined]
+    found = {(f["code"], f["object"]) for f in report["findings"]}
     # The example's pods run without sidecars (the demo runs its Envoys beside them), and
     # the embedder has only a CPU pod: both are worth knowing, neither breaks it.
     assert found == {
@@ -63,7 +64,7 @@ def test_a_broken_copy_fails_with_each_mistake_named(
     code, report = run_json(["analyze", "-f", str(broken)], capsys)
     assert code == 1
     by_code: dict[str, list[dict[str, str]]] = {}
-    for finding in report["findings"]:  # type: ignore[attr-defined]
+    for finding in report["findings"]:
         by_code.setdefault(finding["code"], []).append(finding)
     assert by_code["IL0001"][0]["object"] == "Service default/llama"
     assert "critical=thirty" in by_code["IL0001"][0]["message"]
@@ -79,11 +80,7 @@ def test_a_broken_copy_fails_with_each_mistake_named(
         "Pod default/llama-gpu-0",
         "Pod default/llama-gpu-1",
     }
-    assert report["errors"] == sum(
-        1
-        for f in report["findings"]  # type: ignore[attr-defined]
-        if f["severity"] == "Error"
-    )
+    assert report["errors"] == sum(1 for f in report["findings"] if f["severity"] == "Error")
 
     # The text form: one line per finding, code and object first, then the fix.
     assert main(["analyze", "-f", str(broken)]) == 1
@@ -98,7 +95,7 @@ def test_a_missing_path_is_an_error_finding(
 ) -> None:
     code, report = run_json(["analyze", "-f", str(tmp_path / "nowhere")], capsys)
     assert code == 1
-    assert report["findings"][0]["code"] == "IL0002"  # type: ignore[index]
+    assert report["findings"][0]["code"] == "IL0002"
 
 
 def kubeconfig(path: Path, url: str) -> Path:
@@ -120,7 +117,7 @@ def kubeconfig(path: Path, url: str) -> Path:
 def test_kubernetes_mode_reads_the_cluster_as_serve_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def analyze_cluster() -> tuple[int, dict[str, object]]:
+    async def analyze_cluster() -> tuple[int, dict[str, Any]]:
         fake = FakeApiServer()
         url = await fake.start()
         try:
@@ -137,7 +134,7 @@ def test_kubernetes_mode_reads_the_cluster_as_serve_does(
     code, report = asyncio.run(analyze_cluster())
     assert code == 1
     assert report["services"] == 1
-    found = [(f["code"], f["object"]) for f in report["findings"]]  # type: ignore[attr-defined]
+    found = [(f["code"], f["object"]) for f in report["findings"]]
     assert found == [
         ("IL0002", "Service default/typo"),
         ("IL0005", "Service default/llama"),
