@@ -10,7 +10,10 @@ ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside a ``List``) 
   The node ID and the ``NAMESPACE`` / ``SERVICE_ACCOUNT`` metadata come from the downward
   API through Kubernetes' ``$(VAR)`` expansion of arguments;
 - ADS over TLS to the chart's Service (port 15012) with gRPC's own client (``google_grpc``):
-  the channel trusts the CA root given with ``--ca-file``, and every stream carries
+  the channel trusts the mesh's root certificate, read from the ConfigMap
+  ``inferlane-ca-root-cert`` that the control plane publishes in the namespace (mounted
+  read-only, as Istio mounts ``istio-ca-root-cert``), or given inline with ``--ca-file``
+  where the control plane may not write ConfigMaps; every stream carries
   ``authorization: Bearer <token>`` read from a projected service-account token of
   audience ``inferlane`` (Envoy's ``envoy.grpc_credentials.file_based_metadata``, which
   re-reads the file, so the kubelet's token rotation is picked up on reconnect);
@@ -39,6 +42,7 @@ import yaml
 from cryptography import x509
 
 from mesh.model import SIDECAR_CONTAINER
+from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
@@ -58,6 +62,10 @@ DEFAULT_XDS_PORT = 15012
 #: The name checked in the control plane's serving certificate, whatever address is
 #: dialled: every replica's certificate carries it (as ``inferlane bootstrap`` expects).
 DEFAULT_SERVER_NAME = "inferlane"
+
+CA_VOLUME = CONFIGMAP_NAME
+CA_DIR = "/var/run/secrets/inferlane-ca"
+CA_PATH = f"{CA_DIR}/{ROOT_CERT_KEY}"
 
 TOKEN_VOLUME = "inferlane-token"
 TOKEN_DIR = "/var/run/secrets/inferlane"
@@ -102,8 +110,9 @@ class InjectError(ValueError):
 class InjectOptions:
     """What the sidecar connects to and runs."""
 
-    #: PEM of the CA root that signed the control plane's serving certificate.
-    ca_pem: str
+    #: PEM of the CA root that signed the control plane's serving certificate, inlined in
+    #: the bootstrap; None reads it from the mounted ``inferlane-ca-root-cert`` ConfigMap.
+    ca_pem: str | None = None
     xds_host: str = DEFAULT_XDS_HOST
     xds_port: int = DEFAULT_XDS_PORT
     #: The name the control plane's certificate must carry.
@@ -137,9 +146,7 @@ def _token_grpc_service(opts: InjectOptions) -> dict[str, Any]:
         "google_grpc": {
             "target_uri": f"{_bracket(opts.xds_host)}:{opts.xds_port}",
             "stat_prefix": "xds_grpc",
-            "channel_credentials": {
-                "ssl_credentials": {"root_certs": {"inline_string": opts.ca_pem}}
-            },
+            "channel_credentials": {"ssl_credentials": {"root_certs": _root_certs(opts)}},
             # Without the factory name Envoy ignores from_plugin and sends no token.
             "credentials_factory_name": _FILE_CREDENTIALS,
             "call_credentials": [
@@ -159,6 +166,12 @@ def _token_grpc_service(opts: InjectOptions) -> dict[str, Any]:
             },
         }
     }
+
+
+def _root_certs(opts: InjectOptions) -> dict[str, str]:
+    if opts.ca_pem is None:
+        return {"filename": CA_PATH}
+    return {"inline_string": opts.ca_pem}
 
 
 def envoy_bootstrap(opts: InjectOptions, labels: Mapping[str, str]) -> dict[str, Any]:
@@ -237,7 +250,14 @@ def sidecar_container(opts: InjectOptions, labels: Mapping[str, str]) -> dict[st
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            *(
+                [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
+                if opts.ca_pem is None
+                else []
+            ),
+        ],
     }
 
 
@@ -257,6 +277,15 @@ def token_volume() -> dict[str, Any]:
             ]
         },
     }
+
+
+def ca_volume() -> dict[str, Any]:
+    """The root certificate's ConfigMap, which the control plane keeps in the namespace."""
+    return {"name": CA_VOLUME, "configMap": {"name": CONFIGMAP_NAME}}
+
+
+def added_volumes(opts: InjectOptions) -> list[dict[str, Any]]:
+    return [token_volume(), *([ca_volume()] if opts.ca_pem is None else [])]
 
 
 # --- Pod templates ----------------------------------------------------------------------
@@ -316,12 +345,13 @@ def inject_template(template: MutableMapping[str, Any], opts: InjectOptions, whe
     if spec.get("hostNetwork") is True:
         return "uses the host network"
     volumes = _list_of_mappings(spec.get("volumes"), f"{where}.spec.volumes")
-    if any(v.get("name") == TOKEN_VOLUME for v in volumes):
-        raise InjectError(f"{where}.spec.volumes has a volume {TOKEN_VOLUME!r} already")
+    added = added_volumes(opts)
+    for name in {v.get("name") for v in volumes} & {v["name"] for v in added}:
+        raise InjectError(f"{where}.spec.volumes has a volume {name!r} already")
     labels = _mapping(meta.get("labels") or {}, f"{where}.metadata.labels")
     sidecar = sidecar_container(opts, {str(k): str(v) for k, v in labels.items()})
     spec["initContainers"] = [sidecar, *init]
-    spec["volumes"] = [*volumes, token_volume()]
+    spec["volumes"] = [*volumes, *added]
     return ""
 
 
