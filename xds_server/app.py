@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from mesh.model import World
 from mesh.sources import WorldSource
 from mtls.identity import Identity, workload_identity
+from mtls.metrics import CertificateExpiry
 from mtls.publish import RootCertPublisher
 from mtls.secrets import SecretStore
 from mtls.store import load_ca
@@ -108,11 +110,14 @@ class ControlPlane:
         self.ratelimits = RateLimitRuntime(
             settings.ratelimit, on_change=lambda: self.debouncer.trigger(PushReason.ADAPTIVE)
         )
+        #: Certificate expiry, read from the secret store at scrape time.
+        self.cert_metrics = CollectorRegistry()
+        self.cert_metrics.register(CertificateExpiry(lambda: self.secrets))
         self.admin = Admin(
             self.xds,
             world=lambda: self.world,
             ready=self._ready,
-            registries=(self.ratelimits.registry,),
+            registries=(self.ratelimits.registry, self.cert_metrics),
         )
         self.admin.add_json_page(
             "/debug/ratelimits",
