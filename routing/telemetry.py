@@ -32,10 +32,11 @@ from envoy.extensions.access_loggers.stats.v3 import stats_pb2
 from routing.protos import pack
 
 ACCESS_LOGGER: Final = "envoy.access_loggers.stats"
+#: Prefixed to each stat's name below: ``inferlane.requests`` and so on.
 STAT_PREFIX: Final = "inferlane"
-REQUESTS: Final = "inferlane.requests"
-DURATION: Final = "inferlane.request.duration"
-TTFT: Final = "inferlane.request.ttft"
+REQUESTS: Final = "requests"
+DURATION: Final = "request.duration"
+TTFT: Final = "request.ttft"
 
 _CLUSTER_TAG: Final = stats_pb2.Config.Tag(name="cluster", value_format="%UPSTREAM_CLUSTER%")
 _CODE_TAG: Final = stats_pb2.Config.Tag(name="code", value_format="%RESPONSE_CODE%")
