@@ -123,7 +123,10 @@ class RootCertPublisher:
                 self._current.clear()
                 next_resync = loop.time() + self.resync_s
             self._wake.clear()
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:  # never take the control plane down; the next pass retries
+                log.exception("publishing %s failed", CONFIGMAP_NAME)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_resync - loop.time())):
                     await self._wake.wait()
