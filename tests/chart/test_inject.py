@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -32,6 +33,7 @@ from mtls.ca import CertificateAuthority
 from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
 from tests.chart.render import Obj, validate
+from tests.e2e.harness import free_port
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
 from xds_server.cli import main
@@ -402,7 +404,27 @@ async def test_envoy_sends_the_token_over_tls(
             (tmp_path / ROOT_CERT_KEY).write_bytes(ca.trust_bundle_pem)
             assert roots == {"filename": CA_PATH}
             roots["filename"] = str(tmp_path / ROOT_CERT_KEY)
-        config["admin"]["address"]["socket_address"]["port_value"] = 0
+        # Ports free on this host, in place of the pod's own 15000 and 15090.
+        admin_port, stats_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+        static = config["static_resources"]
+        (stats_cluster,) = static["clusters"]
+        stats_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"
+        ]["port_value"] = admin_port
+        (stats_listener,) = static["listeners"]
+        assert stats_listener["address"]["socket_address"] == {
+            "address": "0.0.0.0",
+            "port_value": 15090,
+        }
+        stats_listener["address"]["socket_address"] = {
+            "address": "127.0.0.1",
+            "port_value": stats_port,
+        }
+        # This ADS server answers nothing: do not wait Envoy's default 15 s for it before
+        # the listeners accept.
+        for source in ("cds_config", "lds_config"):
+            config["dynamic_resources"][source]["initial_fetch_timeout"] = "0.2s"
         proc = await asyncio.create_subprocess_exec(
             envoy,
             *with_config(args, config),
@@ -419,6 +441,19 @@ async def test_envoy_sends_the_token_over_tls(
                 return bool(recorder.nodes)
 
             await eventually(connected, timeout=20, what="Envoy's first ADS request")
+            # Prometheus scrapes the stats from outside the pod; the rest of the admin
+            # interface is not reachable that way.
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{stats_port}"
+
+                async def scraped() -> str:
+                    async with session.get(base + "/stats/prometheus") as response:
+                        return await response.text() if response.status == 200 else ""
+
+                stats = await eventually(scraped, timeout=20, what="stats on the 15090 listener")
+                assert "envoy_server_live" in stats
+                async with session.get(base + "/config_dump") as response:
+                    assert response.status == 404
         finally:
             proc.kill()
             await proc.wait()

@@ -18,7 +18,9 @@ ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside a ``List``) 
   audience ``inferlane`` (Envoy's ``envoy.grpc_credentials.file_based_metadata``, which
   re-reads the file, so the kubelet's token rotation is picked up on reconnect);
 - no iptables, no added capabilities: the proxy runs as Envoy's unprivileged user with a
-  read-only root filesystem, and applications call its outbound port (15001) directly.
+  read-only root filesystem, and applications call its outbound port (15001) directly;
+- Istio's Prometheus port, 15090: ``/stats/prometheus`` from the admin interface (which
+  itself stays on 127.0.0.1), so the request stats per class can be scraped.
 
 Documents without a Pod template are copied byte for byte. Documents with one are
 re-serialised (comments inside them are not kept). A template that has the sidecar
@@ -56,6 +58,15 @@ ENVOY_UID = 101
 #: Istio's admin port; bound to 127.0.0.1 only.
 ADMIN_PORT = 15000
 INBOUND_PORT = 15006
+#: Istio's port for the sidecar's Prometheus stats, reachable from outside the pod.
+PROMETHEUS_PORT = 15090
+PROMETHEUS_CLUSTER = "prometheus_stats"
+STATS_PATH = "/stats/prometheus"
+_HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 DEFAULT_XDS_HOST = "inferlane.inferlane.svc"
 DEFAULT_XDS_PORT = 15012
@@ -193,13 +204,52 @@ def envoy_bootstrap(opts: InjectOptions, labels: Mapping[str, str]) -> dict[str,
     )
     boot["dynamic_resources"]["ads_config"]["grpc_services"] = [_token_grpc_service(opts)]
     # gRPC's client dials the Service itself: the static xDS cluster is not needed.
-    static = boot.get("static_resources", {})
+    static = boot.setdefault("static_resources", {})
     clusters = [c for c in static.get("clusters", []) if c.get("name") != XDS_CLUSTER]
-    if clusters:
-        static["clusters"] = clusters
-    else:
-        boot.pop("static_resources", None)
+    static["clusters"] = [*clusters, _admin_cluster()]
+    static["listeners"] = [*static.get("listeners", []), _prometheus_listener()]
     return boot
+
+
+def _admin_cluster() -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+    return {
+        "name": PROMETHEUS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": PROMETHEUS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def _prometheus_listener() -> dict[str, Any]:
+    """Istio's 15090: ``/stats/prometheus`` from the admin interface, and nothing else of
+    it, for Prometheus to scrape from outside the pod (the admin stays on 127.0.0.1)."""
+    route = {"match": {"path": STATS_PATH}, "route": {"cluster": PROMETHEUS_CLUSTER}}
+    manager = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": PROMETHEUS_CLUSTER,
+        "route_config": {"virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}
+        ],
+    }
+    return {
+        "name": PROMETHEUS_CLUSTER,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROMETHEUS_PORT}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -230,6 +280,7 @@ def sidecar_container(opts: InjectOptions, labels: Mapping[str, str]) -> dict[st
             _field_env("POD_IP", "status.podIP"),
             _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ],
+        "ports": [{"name": "http-envoy-prom", "containerPort": PROMETHEUS_PORT}],
         # Ready once the inbound listener is up, i.e. once the config (and its mTLS
         # secrets) arrived: endpoints are addressed at this port.
         "readinessProbe": {
