@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh import xds
 from mesh.model import World
-from xds_server.ads.server import XdsServer
+from xds_server.ads.server import Connection, XdsServer
 from xds_server.ads.snapshot import decode
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Page:
     path: str
     description: str
+
+
+class PageError(Exception):
+    """Raised by a query page's data function: answered as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -96,6 +105,20 @@ class Admin:
 
         self.add_page(path, description, render)
 
+    def add_query_page(
+        self, path: str, description: str, data: Callable[[Mapping[str, str]], Any]
+    ) -> None:
+        """A page showing ``data(query)``; ``data`` raises :class:`PageError` for a query it
+        cannot answer (400 for a bad one, 404 for an unknown object)."""
+
+        async def render(request: web.Request) -> web.Response:
+            try:
+                return _json(data(request.query))
+            except PageError as exc:
+                return _json({"error": exc.message}, exc.status)
+
+        self.add_page(path, description, render)
+
     async def _index(self, request: web.Request) -> web.Response:
         pages = [{"path": p.path, "description": p.description} for p in self.pages]
         return _json({"pages": pages})
@@ -113,17 +136,8 @@ class Admin:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _syncz(self, request: web.Request) -> web.Response:
-        out = []
-        for conn in sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id):
-            status = conn.state.sync_status()
-            out.append(
-                {
-                    "node_id": conn.proxy.node_id,
-                    "mode": "delta" if conn.delta else "sotw",
-                    "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
-                }
-            )
-        return _json(out)
+        conns = sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id)
+        return _json([sync_entry(conn) for conn in conns])
 
     async def _config_dump(self, request: web.Request) -> web.Response:
         node_id = request.query.get("proxy", "")
@@ -153,6 +167,16 @@ class Admin:
 
     async def _connections(self, request: web.Request) -> web.Response:
         return _json([c.describe() for c in self.xds.connections.values()])
+
+
+def sync_entry(conn: Connection) -> dict[str, Any]:
+    """One proxy's ``/debug/syncz`` entry: per type, versions sent and acked, status, NACK."""
+    status = conn.state.sync_status()
+    return {
+        "node_id": conn.proxy.node_id,
+        "mode": "delta" if conn.delta else "sotw",
+        "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
+    }
 
 
 def plain(value: Any) -> Any:
