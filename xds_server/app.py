@@ -6,8 +6,9 @@ installs a new :class:`~routing.generator.MeshGenerator` in the cache and wakes 
 stream, which pulls its snapshot when its push runs.
 
 Mesh security (``mtls`` and ``xds_server/auth``) is set up first: the CA, the workload secrets
-(whose renewals trigger the debouncer like any other change), the TLS xDS port in front of
-the gRPC server, and the authorizer every stream passes.
+(whose renewals trigger the debouncer like any other change), the serving certificate of
+the authenticated ports (TLS and mutual TLS, served by gRPC itself; the global rate-limit
+service uses mutual TLS too), and the authorizer every stream passes.
 
 All long-running parts run as named tasks of one ``asyncio.TaskGroup``: the first failure
 cancels the rest and is re-raised, and shutdown stops the gRPC server with a grace period
@@ -42,7 +43,7 @@ from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, Pus
 from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
-from xds_server.auth.tls_front import TlsFront, server_ssl_context
+from xds_server.auth.transport import ServerCredentials, server_credentials
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,13 @@ class ServeSettings:
     host: str = "0.0.0.0"
     #: Istio's ports where one exists (SPEC.md); 0 means any free port.
     xds_port: int = 15010
-    #: The TLS xDS port (``inferlane serve`` uses 15012); None serves no TLS port, so that
-    #: several control planes embedded in one test run do not contend for 15012.
+    #: The TLS xDS port, authenticated by service-account tokens (``inferlane serve`` uses
+    #: 15012); None serves no TLS port, so that several control planes embedded in one test
+    #: run do not contend for 15012.
     xds_tls_port: int | None = None
+    #: The mutual-TLS xDS port, authenticated by client certificates from the mesh CA
+    #: (``inferlane serve`` uses 15011); None serves none, as for the TLS port.
+    xds_mtls_port: int | None = None
     admin_port: int = 15014
     ports_file: Path | None = None
     debounce: DebounceSettings = field(default_factory=DebounceSettings)
@@ -114,9 +119,9 @@ class ControlPlane:
         )
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
-        #: Set up in run(): the workload secrets and the TLS port's front.
+        #: Set up in run(): the workload secrets and the authenticated ports' credentials.
         self.secrets: SecretStore | None = None
-        self.tls_front: TlsFront | None = None
+        self.credentials: ServerCredentials | None = None
         self.tls_options = SecurityOptions(
             trust_domain=settings.security.trust_domain,
             connection_lifetime_s=settings.security.connection_lifetime_s,
@@ -163,8 +168,7 @@ class ControlPlane:
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
             return {"ready": False}
-        refused = self.tls_front.refused if self.tls_front else 0
-        return {"ready": True, **self.secrets.describe(), "tls_handshakes_refused": refused}
+        return {"ready": True, **self.secrets.describe()}
 
     async def _kubernetes_api(self, stack: contextlib.AsyncExitStack) -> Any | None:
         """An API client, when something needs one: the CA Secret or token reviews."""
@@ -177,10 +181,9 @@ class ControlPlane:
         stack.push_async_callback(api.close)
         return api
 
-    async def _set_up_security(
-        self, stack: contextlib.AsyncExitStack, relay_port: int | None
-    ) -> None:
-        """The CA, the secret store, the TLS port's front and the stream authorizer."""
+    async def _set_up_security(self, stack: contextlib.AsyncExitStack) -> None:
+        """The CA, the secret store, the authenticated ports' credentials and the stream
+        authorizer."""
         from kubernetes.aio.client import AuthenticationV1Api, CoreV1Api
 
         sec = self.settings.security
@@ -196,15 +199,14 @@ class ControlPlane:
         tokens = self.tokens
         if tokens is None and api is not None and self.settings.kubernetes:
             tokens = KubernetesTokenReviewer(AuthenticationV1Api(api), sec.token_audience)
-        if relay_port is not None:
-            names = list(dict.fromkeys([*sec.server_names, self.settings.host]))
+        s = self.settings
+        if (s.xds_tls_port, s.xds_mtls_port, s.ratelimit.rls_port) != (None, None, None):
+            names = list(dict.fromkeys([*sec.server_names, s.host]))
             names = [n for n in names if n not in ("", "0.0.0.0", "::")]
-            context = await asyncio.to_thread(server_ssl_context, ca, names)
-            self.tls_front = TlsFront(context, relay_port)
+            self.credentials = await asyncio.to_thread(server_credentials, ca, names)
         self.xds.authorizer = MeshAuthorizer(
             ca=ca,
             world=lambda: self.world,
-            front=self.tls_front,
             trust_domain=sec.trust_domain,
             plaintext_secrets_from=sec.plaintext_secrets_from,
             tokens=tokens,
@@ -219,22 +221,25 @@ class ControlPlane:
             ]
         )
         self.xds.add_to(grpc_server)
-        xds_port = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
-        # The TLS front relays to this loopback-only port (see xds_server/auth/tls_front.py).
-        relay_port = (
-            grpc_server.add_insecure_port("127.0.0.1:0") if s.xds_tls_port is not None else None
-        )
         async with contextlib.AsyncExitStack() as stack:
-            await self._set_up_security(stack, relay_port)
+            await self._set_up_security(stack)
             assert self.secrets is not None
+            ports = {"xds": _bind(grpc_server, s.host, s.xds_port, None)}
+            if self.credentials is not None:
+                for name, port, credentials in (
+                    ("xds_tls", s.xds_tls_port, self.credentials.tls),
+                    ("xds_mtls", s.xds_mtls_port, self.credentials.mtls),
+                ):
+                    if port is not None:
+                        ports[name] = _bind(grpc_server, s.host, port, credentials)
             await grpc_server.start()
             stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
-            ports = {"xds": xds_port}
-            if self.tls_front is not None and s.xds_tls_port is not None:
-                ports["xds_tls"] = await self.tls_front.start(s.host, s.xds_tls_port)
-                stack.push_async_callback(self.tls_front.close)
             stack.push_async_callback(self.ratelimits.stop)
-            rls_port = await self.ratelimits.start(s.host)
+            rls_port = await self.ratelimits.start(
+                s.host,
+                self.credentials.mtls if self.credentials else None,
+                s.security.trust_domain,
+            )
             if rls_port is not None:
                 ports["rls"] = rls_port
             admin_port = await stack.enter_async_context(
@@ -259,6 +264,20 @@ class ControlPlane:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Add a port (plaintext without ``credentials``); the port bound."""
+    address = f"{_host(host)}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    return int(bound)
 
 
 def make_source(settings: ServeSettings) -> WorldSource:

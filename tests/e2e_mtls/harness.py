@@ -100,6 +100,7 @@ def settings(
         host="127.0.0.1",
         xds_port=xds_port,
         xds_tls_port=0,
+        xds_mtls_port=0,
         admin_port=0,
         debounce=DebounceSettings(quiet=0.02, max_delay=0.2),
         shutdown_grace=0.2,
@@ -142,6 +143,8 @@ class Sidecar:
         meta = {
             "NAMESPACE": self.namespace,
             "INFERLANE_BIND_ADDRESS": self.ip,
+            # Pods share this host's loopback: each workload listens on its own pod IP.
+            "INFERLANE_WORKLOAD_ADDRESS": self.ip,
             "INFERLANE_OUTBOUND_PORT": str(self.outbound_port),
             "INFERLANE_INBOUND_PORT": str(self.inbound_port),
         }
