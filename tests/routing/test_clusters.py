@@ -92,12 +92,19 @@ def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
         assert not cluster.typed_extension_protocol_options
 
 
-def test_inbound_cluster_is_static_at_the_workloads_own_address() -> None:
-    me = proxy(pod="gpu-0", ip="10.0.0.1")
+@pytest.mark.parametrize(
+    ("workload", "expected"), [({}, "127.0.0.1"), ({"workload_address": "::1"}, "::1")]
+)
+def test_inbound_cluster_targets_the_workload_over_loopback(
+    workload: dict[str, str], expected: str
+) -> None:
+    """The pod's own port on loopback, never the pod IP: the workload need not listen where
+    other pods reach it (issue 11, #12)."""
+    me = proxy(pod="gpu-0", ip="10.0.0.1", **workload)
     resources = build(llama_world(), me, {})
     inbound = _cluster(resources, "inbound|8000||llama.default.svc.cluster.local")
     assert inbound.type == cluster_pb2.Cluster.STATIC
     (locality,) = inbound.load_assignment.endpoints
     (lb,) = locality.lb_endpoints
     address = lb.endpoint.address.socket_address
-    assert (address.address, address.port_value) == ("10.0.0.1", 9000)
+    assert (address.address, address.port_value) == (expected, 9000)
