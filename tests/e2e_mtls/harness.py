@@ -127,6 +127,9 @@ class Sidecar:
     namespace: str = "default"
     outbound_port: int = 0
     inbound_port: int = 0
+    #: Where the inbound sidecar reaches its workload: by default the pod's own IP, since
+    #: every pod here shares this host's loopback.
+    workload_address: str = ""
     envoy: Envoy | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -143,8 +146,7 @@ class Sidecar:
         meta = {
             "NAMESPACE": self.namespace,
             "INFERLANE_BIND_ADDRESS": self.ip,
-            # Pods share this host's loopback: each workload listens on its own pod IP.
-            "INFERLANE_WORKLOAD_ADDRESS": self.ip,
+            "INFERLANE_WORKLOAD_ADDRESS": self.workload_address or self.ip,
             "INFERLANE_OUTBOUND_PORT": str(self.outbound_port),
             "INFERLANE_INBOUND_PORT": str(self.inbound_port),
         }
