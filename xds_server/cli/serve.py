@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,9 @@ from mtls.identity import DEFAULT_TRUST_DOMAIN
 from xds_server.ads.debounce import DebounceSettings
 from xds_server.auth.settings import DEFAULT_PLAINTEXT_SECRETS_FROM, DEFAULT_SERVER_NAMES
 from xds_server.cli import args
+
+#: The environment variable ``--redis`` defaults to (the chart sets it from a Secret).
+REDIS_URL_ENV = "INFERLANE_REDIS_URL"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,8 +105,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     limits.add_argument(
         "--redis",
         metavar="URL",
+        default=os.environ.get(REDIS_URL_ENV) or None,
         help="keep global counters in this Redis (redis://HOST:PORT/DB or unix:///PATH), "
-        "shared by every replica; default: in this process",
+        f"shared by every replica (default: ${REDIS_URL_ENV}, which keeps a password out of "
+        "the arguments; without either, in this process)",
     )
     limits.add_argument(
         "--rate-limit-failure-mode",
