@@ -15,7 +15,8 @@ workload certificate from a fresh mesh CA, then several changes of the world tha
 every proxy's routes. Reported per scenario and mode: p50 and p99 of the seconds from a
 change to each proxy's ACK, the slowest "all ACKed", the time to connect and sync, and the
 control plane's CPU seconds for the whole scenario (connecting included: the relay also
-does the TLS handshakes on the event loop). Then the ratios relay / grpc.
+does the TLS handshakes on the event loop). Each scenario runs ``--rounds`` times per mode,
+in alternating order; then the ratios relay / grpc of the medians over the rounds.
 
 Streams pass the default authorizer here: the modes differ in the byte path alone. The
 machine's cores are shared by the control plane, the Envoys and the synthetic clients, so
@@ -30,9 +31,10 @@ import contextlib
 import dataclasses
 import json
 import ssl
+import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -159,20 +161,32 @@ class Row:
     cpu_s: float
 
 
-def _ratios(relay: Row, native: Row) -> str:
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b > 0 else "n/a"
-
-    r, g = relay.result, native.result
-    return (
-        f"  relay / grpc: p50 {ratio(r.p50_ms, g.p50_ms)}, p99 {ratio(r.p99_ms, g.p99_ms)}, "
-        f"all ACKed {ratio(r.slowest_all_acked_ms, g.slowest_all_acked_ms)}, "
-        f"connect {ratio(r.connect_s, g.connect_s)}, "
-        f"control-plane CPU {ratio(relay.cpu_s, native.cpu_s)}"
-    )
+#: The figures compared, as (label, what to read of a row).
+FIGURES: tuple[tuple[str, Callable[[Row], float]], ...] = (
+    ("p50", lambda r: r.result.p50_ms),
+    ("p99", lambda r: r.result.p99_ms),
+    ("all ACKed", lambda r: r.result.slowest_all_acked_ms),
+    ("connect", lambda r: r.result.connect_s),
+    ("control-plane CPU", lambda r: r.cpu_s),
+)
 
 
-async def run(envoys: list[int], streams: list[int], changes: int, rate: float) -> list[Row]:
+def compare(rows: list[Row]) -> str:
+    """relay / grpc for each figure, each side the median over its rounds."""
+    parts = []
+    for label, figure in FIGURES:
+        relay, native = (
+            statistics.median(figure(r) for r in rows if r.mode == mode) for mode in MODES
+        )
+        parts.append(f"{label} {relay / native:.2f}x" if native > 0 else f"{label} n/a")
+    return "  relay / grpc (medians): " + ", ".join(parts)
+
+
+async def run(
+    envoys: list[int], streams: list[int], changes: int, rate: float, rounds: int = 1
+) -> list[Row]:
+    """Each scenario ``rounds`` times in both modes, the order alternating (ABBA), so that
+    neither mode always runs first on a warm or a tired machine."""
     world = load_world(EXAMPLE)
     ca = CertificateAuthority.generate()
     rows: list[Row] = []
@@ -208,13 +222,14 @@ async def run(envoys: list[int], streams: list[int], changes: int, rate: float) 
         print(f"{'mode':<6} {HEADER} {'CPU s':>7}", flush=True)
         for kind, counts in (("envoys", envoys), ("streams", streams)):
             for n in counts:
-                pair = []
-                for mode in MODES:
-                    row = await scenario(kind, n, mode)
-                    print(f"{mode:<6} {row.result.row()} {row.cpu_s:>7.2f}", flush=True)
-                    pair.append(row)
-                rows.extend(pair)
-                print(_ratios(*pair), flush=True)
+                these = []
+                for round_ in range(rounds):
+                    for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+                        row = await scenario(kind, n, mode)
+                        print(f"{mode:<6} {row.result.row()} {row.cpu_s:>7.2f}", flush=True)
+                        these.append(row)
+                rows.extend(these)
+                print(compare(these), flush=True)
     return rows
 
 
@@ -224,13 +239,14 @@ def main() -> None:
     p.add_argument("--streams", default="1000", help="counts of synthetic streams")
     p.add_argument("--changes", type=int, default=5, help="changes measured per scenario")
     p.add_argument("--rate", type=float, default=500, help="synthetic streams opened per second")
+    p.add_argument("--rounds", type=int, default=4, help="runs of each scenario in each mode")
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
     def counts(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
-    rows = asyncio.run(run(counts(a.envoys), counts(a.streams), a.changes, a.rate))
+    rows = asyncio.run(run(counts(a.envoys), counts(a.streams), a.changes, a.rate, a.rounds))
     if a.json:
         a.json.write_text(
             json.dumps(

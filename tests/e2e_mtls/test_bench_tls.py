@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tls import MODES, run
+from bench.tls import MODES, compare, run
 from tests.support.envoy import require_envoy
 
 
@@ -23,3 +23,4 @@ async def test_tls_bench_measures_both_byte_paths() -> None:
         assert row.result.changes == 1
         assert 0 < row.result.p99_ms < 10_000
         assert row.cpu_s > 0
+    assert compare(rows[:2]).count("x") == 5
