@@ -46,6 +46,7 @@ import yaml
 from cryptography import x509
 
 from mesh.proxy import DEFAULT_INBOUND_PORT
+from mtls.tls_context import CONTROL_PLANE_NAME
 from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
@@ -65,7 +66,7 @@ DEFAULT_XDS_HOST = "inferlane.inferlane.svc"
 DEFAULT_XDS_PORT = 15012
 #: The name checked in the control plane's serving certificate, whatever address is
 #: dialled: every replica's certificate carries it (as ``inferlane bootstrap`` expects).
-DEFAULT_SERVER_NAME = "inferlane"
+DEFAULT_SERVER_NAME = CONTROL_PLANE_NAME
 
 TOKEN_VOLUME = "inferlane-token"
 TOKEN_DIR = "/var/run/secrets/inferlane"
