@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -92,15 +93,15 @@ def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
         assert not cluster.typed_extension_protocol_options
 
 
-@pytest.mark.parametrize(
-    ("workload", "expected"), [({}, "127.0.0.1"), ({"workload_address": "::1"}, "::1")]
-)
+@pytest.mark.parametrize(("workload", "expected"), [(None, "127.0.0.1"), ("::1", "::1")])
 def test_inbound_cluster_targets_the_workload_over_loopback(
-    workload: dict[str, str], expected: str
+    workload: str | None, expected: str
 ) -> None:
     """The pod's own port on loopback, never the pod IP: the workload need not listen where
     other pods reach it (issue 11, #12)."""
-    me = proxy(pod="gpu-0", ip="10.0.0.1", **workload)
+    me = proxy(pod="gpu-0", ip="10.0.0.1")
+    if workload is not None:
+        me = dataclasses.replace(me, workload_address=workload)
     resources = build(llama_world(), me, {})
     inbound = _cluster(resources, "inbound|8000||llama.default.svc.cluster.local")
     assert inbound.type == cluster_pb2.Cluster.STATIC
