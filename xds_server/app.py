@@ -224,14 +224,16 @@ class ControlPlane:
         async with contextlib.AsyncExitStack() as stack:
             await self._set_up_security(stack)
             assert self.secrets is not None
-            ports = {"xds": _bind(grpc_server, s.host, s.xds_port, None)}
+            # gRPC raises when it cannot bind a port.
+            ports = {"xds": grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")}
             if self.credentials is not None:
                 for name, port, credentials in (
                     ("xds_tls", s.xds_tls_port, self.credentials.tls),
                     ("xds_mtls", s.xds_mtls_port, self.credentials.mtls),
                 ):
                     if port is not None:
-                        ports[name] = _bind(grpc_server, s.host, port, credentials)
+                        address = f"{_host(s.host)}:{port}"
+                        ports[name] = grpc_server.add_secure_port(address, credentials)
             await grpc_server.start()
             stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
             stack.push_async_callback(self.ratelimits.stop)
@@ -264,20 +266,6 @@ class ControlPlane:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _bind(
-    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
-) -> int:
-    """Add a port (plaintext without ``credentials``); the port bound."""
-    address = f"{_host(host)}:{port}"
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
-    if bound == 0:
-        raise OSError(f"cannot bind {address}")
-    return int(bound)
 
 
 def make_source(settings: ServeSettings) -> WorldSource:

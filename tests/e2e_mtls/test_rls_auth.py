@@ -14,15 +14,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import grpc
 import pytest
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from mesh.model import PRIORITY_HEADER, InferenceService, Priority, ServiceConfig, World
+from mesh.model import PRIORITY_HEADER
 from mtls.ca import CertificateAuthority, IssuedCert
 from ratelimit.counters import InMemoryCounters
 from ratelimit.rules import rules_from_world
@@ -38,6 +36,8 @@ from tests.e2e_mtls.harness import (
     write_manifests,
 )
 from tests.e2e_ratelimit.harness import control_plane, serve_settings
+from tests.ratelimit.test_rls import _request as rls_request
+from tests.ratelimit.test_rls import _world as limited_world
 from tests.support.backends import echo_server
 from tests.support.envoy import require_envoy
 from tests.support.wait import eventually
@@ -58,26 +58,12 @@ def shed(caller: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def request(entries: Sequence[tuple[str, str]], *, limit: int = 0) -> Any:
-    descriptor = common_pb2.RateLimitDescriptor(
-        entries=[common_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
-    )
+    """One descriptor; with ``limit``, carrying its own limit per hour."""
+    built = rls_request(entries)
     if limit:
-        descriptor.limit.requests_per_unit = limit
-        descriptor.limit.unit = rls_pb2.RateLimitResponse.RateLimit.HOUR
-    return rls_pb2.RateLimitRequest(domain="inferlane", descriptors=[descriptor])
-
-
-def limited_world() -> World:
-    llama = InferenceService(
-        namespace="default",
-        name="llama",
-        ports=(),
-        config=ServiceConfig(
-            enabled=True,
-            global_rate_limit=MappingProxyType({Priority.SHEDDABLE: PER_HOUR / 3600}),
-        ),
-    )
-    return World(services=(llama,))
+        built.descriptors[0].limit.requests_per_unit = limit
+        built.descriptors[0].limit.unit = rls_pb2.RateLimitResponse.RateLimit.HOUR
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +74,9 @@ def ca() -> CertificateAuthority:
 @contextlib.asynccontextmanager
 async def authenticated_rls(ca: CertificateAuthority) -> AsyncIterator[tuple[Any, int]]:
     service = RateLimitService(
-        InMemoryCounters(), rules_from_world(limited_world()), callers=PeerCallers(TD)
+        InMemoryCounters(),
+        rules_from_world(limited_world(sheddable=PER_HOUR / 3600)),
+        callers=PeerCallers(TD),
     )
     credentials = server_credentials(ca, ["inferlane", "127.0.0.1"])
     server, port = await start_rls_server(service, "127.0.0.1", 0, credentials.mtls)

@@ -326,12 +326,11 @@ async def start_rls_server(
     server = grpc.aio.server()
     add_rls_servicer(server, service)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # gRPC raises when it cannot bind the port.
     if credentials is None:
         bound = server.add_insecure_port(address)
     else:
         bound = server.add_secure_port(address, credentials)
-    if bound == 0:
-        raise OSError(f"cannot bind the rate-limit service to {host}:{port}")
     await server.start()
     log.info(
         "rate-limit service listening on %s:%d (%s)",
