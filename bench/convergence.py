@@ -215,10 +215,12 @@ async def synthetic_scenario(
     *,
     plane: PlaneFactory = control_plane,
     tls_dir: Path | None = None,
+    per_channel: int | None = None,
     scenario: str = "synthetic (SotW)",
 ) -> Result:
-    """``n`` synthetic streams (over mutual TLS with the files in ``tls_dir``), then
-    ``changes`` changes."""
+    """``n`` synthetic streams (over mutual TLS with the files in ``tls_dir``; ``per_channel``
+    streams on each connection, bench.synthetic's default if None), then ``changes``
+    changes."""
     async with plane(world) as (cache, xds, port):
         node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
         snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
@@ -244,6 +246,7 @@ async def synthetic_scenario(
             "--names",
             f.name,
             *(("--tls", str(tls_dir)) if tls_dir is not None else ()),
+            *(("--per-channel", str(per_channel)) if per_channel is not None else ()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

@@ -1,6 +1,6 @@
 """Convergence over TLS: gRPC's own TLS against the Python relay it replaced.
 
-``python -m bench.tls`` runs each scenario twice, side by side in one run:
+``python -m bench.tls`` runs each scenario in two modes, side by side in one run:
 
 * **relay** (the baseline): TLS terminated by Python's ``ssl`` module on the control
   plane's event loop, every byte relayed to the gRPC server's plaintext loopback port.
@@ -10,13 +10,15 @@
   ``inferlane serve`` serves 15011 now.
 
 The scenarios are ``bench.convergence``'s: real Envoys (``--envoys``) and synthetic SotW
-streams in a separate process (``--streams``), each connecting over mutual TLS with a
-workload certificate from a fresh mesh CA, then several changes of the world that change
-every proxy's routes. Reported per scenario and mode: p50 and p99 of the seconds from a
-change to each proxy's ACK, the slowest "all ACKed", the time to connect and sync, and the
-control plane's CPU seconds for the whole scenario (connecting included: the relay also
-does the TLS handshakes on the event loop). Each scenario runs ``--rounds`` times per mode,
-in alternating order; then the ratios relay / grpc of the medians over the rounds.
+streams in a separate process (``--streams``, ``--per-channel`` of them on each
+connection: one by default, as each proxy has a connection of its own), each connecting
+over mutual TLS with a workload certificate from a fresh mesh CA, then several changes of
+the world that change every proxy's routes. Reported per scenario and mode: p50 and p99
+of the seconds from a change to each proxy's ACK, the slowest "all ACKed", the time to
+connect and sync, and the control plane's CPU seconds for the whole scenario (connecting
+included: the relay also does the TLS handshakes on the event loop). Each scenario runs
+``--rounds`` times per mode, in alternating order; then the ratios relay / grpc of the
+medians over the rounds.
 
 Streams pass the default authorizer here: the modes differ in the byte path alone. The
 machine's cores are shared by the control plane, the Envoys and the synthetic clients, so
@@ -183,7 +185,13 @@ def compare(rows: list[Row]) -> str:
 
 
 async def run(
-    envoys: list[int], streams: list[int], changes: int, rate: float, rounds: int = 1
+    envoys: list[int],
+    streams: list[int],
+    changes: int,
+    rate: float,
+    *,
+    rounds: int = 1,
+    per_channel: int = 1,
 ) -> list[Row]:
     """Each scenario ``rounds`` times in both modes, the order alternating (ABBA), so that
     neither mode always runs first on a warm or a tired machine."""
@@ -215,6 +223,7 @@ async def run(
                     rate,
                     plane=plane,
                     tls_dir=directory,
+                    per_channel=per_channel,
                     scenario=f"synthetic mTLS ({mode})",
                 )
             return Row(mode, result, time.process_time() - started)
@@ -240,13 +249,25 @@ def main() -> None:
     p.add_argument("--changes", type=int, default=5, help="changes measured per scenario")
     p.add_argument("--rate", type=float, default=500, help="synthetic streams opened per second")
     p.add_argument("--rounds", type=int, default=4, help="runs of each scenario in each mode")
+    p.add_argument(
+        "--per-channel", type=int, default=1, help="synthetic streams on each connection"
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
     def counts(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
-    rows = asyncio.run(run(counts(a.envoys), counts(a.streams), a.changes, a.rate, a.rounds))
+    rows = asyncio.run(
+        run(
+            counts(a.envoys),
+            counts(a.streams),
+            a.changes,
+            a.rate,
+            rounds=a.rounds,
+            per_channel=a.per_channel,
+        )
+    )
     if a.json:
         a.json.write_text(
             json.dumps(
