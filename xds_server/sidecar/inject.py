@@ -346,9 +346,7 @@ def network_policy(
     control_plane: dict[str, Any] = {
         "from": [
             {
-                "namespaceSelector": {
-                    "matchLabels": {NAMESPACE_NAME_LABEL: opts.control_plane_ns}
-                },
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: opts.control_plane_ns}},
                 "podSelector": {"matchLabels": dict(CONTROL_PLANE_LABELS)},
             }
         ]
