@@ -24,6 +24,7 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m bench.convergence
+	$(BIN)/python -m bench.tls
 	$(BIN)/python -m bench.priority
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls

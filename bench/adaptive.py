@@ -281,6 +281,8 @@ def _sidecar_metadata(ip: str, service_account: str) -> tuple[dict[str, str], in
         "INFERLANE_OUTBOUND_PORT": str(outbound),
         "INFERLANE_INBOUND_PORT": str(free_port(ip)),
         "INFERLANE_BIND_ADDRESS": ip,
+        # Pods share this host's loopback: each workload listens on its own pod IP.
+        "INFERLANE_WORKLOAD_ADDRESS": ip,
     }, outbound
 
 

@@ -30,7 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -46,7 +47,7 @@ from mesh.proxy import proxy_from_node
 from routing.generator import MeshGenerator
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.server import SERVER_OPTIONS, Connection, XdsServer
-from xds_server.sidecar.bootstrap import BootstrapOptions
+from xds_server.sidecar.bootstrap import BootstrapOptions, TlsSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
 
@@ -115,6 +116,10 @@ async def control_plane(world: World) -> AsyncIterator[tuple[ConfigCache, XdsSer
         await server.stop(None)
 
 
+#: A control plane serving a world: (cache, server, the port proxies connect to).
+PlaneFactory = Callable[[World], AbstractAsyncContextManager[tuple[ConfigCache, XdsServer, int]]]
+
+
 def _all_synced(xds: XdsServer, n: int) -> bool:
     if len(xds.connections) < n:
         return False
@@ -154,8 +159,17 @@ async def _measure_changes(
     return samples, slowest
 
 
-async def envoy_scenario(world: World, n: int, changes: int) -> Result:
-    async with control_plane(world) as (cache, xds, port):
+async def envoy_scenario(
+    world: World,
+    n: int,
+    changes: int,
+    *,
+    plane: PlaneFactory = control_plane,
+    tls: TlsSettings | None = None,
+    scenario: str = "real Envoy (SotW)",
+) -> Result:
+    """``n`` Envoys on ``plane`` (over TLS with ``tls``), then ``changes`` changes."""
+    async with plane(world) as (cache, xds, port):
         gc.collect()
         base_rss = rss_bytes()
         envoys: list[Envoy] = []
@@ -167,7 +181,9 @@ async def envoy_scenario(world: World, n: int, changes: int) -> Result:
                 # listeners, so like sidecars in separate pods they share one config.
                 meta = {"NAMESPACE": "bench", "SERVICE_ACCOUNT": "client"}
                 proxy_from_node(node, meta)  # fail fast on a bad node ID
-                opts = BootstrapOptions(node_id=node, xds_port=port, admin_port=0, metadata=meta)
+                opts = BootstrapOptions(
+                    node_id=node, xds_port=port, admin_port=0, metadata=meta, tls=tls
+                )
                 envoys.append(await Envoy(opts, log_level="error").start())
 
             async def synced() -> bool:
@@ -181,7 +197,7 @@ async def envoy_scenario(world: World, n: int, changes: int) -> Result:
         finally:
             await asyncio.gather(*(e.stop() for e in envoys))
     return _result(
-        "real Envoy (SotW)",
+        scenario,
         n=n,
         changes=changes,
         samples=samples,
@@ -191,8 +207,21 @@ async def envoy_scenario(world: World, n: int, changes: int) -> Result:
     )
 
 
-async def synthetic_scenario(world: World, n: int, changes: int, rate: float) -> Result:
-    async with control_plane(world) as (cache, xds, port):
+async def synthetic_scenario(
+    world: World,
+    n: int,
+    changes: int,
+    rate: float,
+    *,
+    plane: PlaneFactory = control_plane,
+    tls_dir: Path | None = None,
+    per_channel: int | None = None,
+    scenario: str = "synthetic (SotW)",
+) -> Result:
+    """``n`` synthetic streams (over mutual TLS with the files in ``tls_dir``; ``per_channel``
+    streams on each connection, bench.synthetic's default if None), then ``changes``
+    changes."""
+    async with plane(world) as (cache, xds, port):
         node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
         snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
         names = {
@@ -216,6 +245,8 @@ async def synthetic_scenario(world: World, n: int, changes: int, rate: float) ->
             str(rate),
             "--names",
             f.name,
+            *(("--tls", str(tls_dir)) if tls_dir is not None else ()),
+            *(("--per-channel", str(per_channel)) if per_channel is not None else ()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -246,7 +277,7 @@ async def synthetic_scenario(world: World, n: int, changes: int, rate: float) ->
                 await proc.wait()
             Path(f.name).unlink(missing_ok=True)  # noqa: ASYNC240 - one small file
     return _result(
-        "synthetic (SotW)",
+        scenario,
         n=n,
         changes=changes,
         samples=samples,

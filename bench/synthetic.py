@@ -86,12 +86,32 @@ class SyntheticStream:
                 self.ready.set()
 
 
-async def run(target: str, streams: int, per_channel: int, rate: float, names_file: str) -> None:
+def _channel(target: str, tls: Path | None) -> grpc.aio.Channel:
+    """A channel of its own (a connection per channel); over mutual TLS with the
+    ``root.pem``, ``tls.crt`` and ``tls.key`` in ``tls``, checking the name ``inferlane``."""
+    options: list[tuple[str, object]] = [("grpc.use_local_subchannel_pool", 1)]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(tls / "root.pem").read_bytes(),
+        private_key=(tls / "tls.key").read_bytes(),
+        certificate_chain=(tls / "tls.crt").read_bytes(),
+    )
+    options.append(("grpc.ssl_target_name_override", "inferlane"))
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+async def run(
+    target: str,
+    streams: int,
+    per_channel: int,
+    rate: float,
+    names_file: str,
+    *,
+    tls: Path | None = None,
+) -> None:
     names: dict[str, list[str]] = json.loads(Path(names_file).read_text())  # noqa: ASYNC240
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range((streams + per_channel - 1) // per_channel)
-    ]
+    channels = [_channel(target, tls) for _ in range((streams + per_channel - 1) // per_channel)]
     stubs = [ads_pb2_grpc.AggregatedDiscoveryServiceStub(c) for c in channels]
     all_streams = [SyntheticStream(i, names) for i in range(streams)]
     tasks = []
@@ -127,8 +147,11 @@ def main() -> None:
     p.add_argument("--per-channel", type=int, default=500, help="streams per HTTP/2 connection")
     p.add_argument("--rate", type=float, default=1000, help="streams opened per second")
     p.add_argument("--names", required=True, help="JSON file: type URL -> names to subscribe")
+    p.add_argument(
+        "--tls", type=Path, help="connect over mutual TLS with DIR's root.pem, tls.crt, tls.key"
+    )
     a = p.parse_args()
-    asyncio.run(run(a.target, a.streams, a.per_channel, a.rate, a.names))
+    asyncio.run(run(a.target, a.streams, a.per_channel, a.rate, a.names, tls=a.tls))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ config generation for one push.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -191,3 +192,15 @@ class World:
 
     def workload(self, namespace: str, name: str) -> Workload | None:
         return self.workloads.get((namespace, name))
+
+    def workloads_at(self, ip: str) -> tuple[Workload, ...]:
+        """The pods whose IP is ``ip``: several when they share their node's network."""
+        return self._workloads_by_ip.get(ip, ())
+
+    @functools.cached_property
+    def _workloads_by_ip(self) -> Mapping[str, tuple[Workload, ...]]:
+        found: dict[str, list[Workload]] = {}
+        for workload in self.workloads.values():
+            if workload.ip:
+                found.setdefault(workload.ip, []).append(workload)
+        return {ip: tuple(pods) for ip, pods in found.items()}

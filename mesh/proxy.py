@@ -2,7 +2,13 @@
 
 Node ID: ``TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local``. ``TYPE`` is ``sidecar``
 for a workload's sidecar and ``router`` for a gateway. Node metadata, as Istio sends it,
-adds ``NAMESPACE``, ``SERVICE_ACCOUNT``, ``LABELS`` and inferlane's port overrides.
+adds ``NAMESPACE``, ``SERVICE_ACCOUNT``, ``LABELS`` and inferlane's port and address
+overrides.
+
+All of it is a claim. Where the stream authenticated, the stream authorizer records the
+proof on the :class:`Proxy` (``authenticated_identity``, ``authenticated_pod``,
+``peer_ip``), and :func:`mtls.identity.binding_problem` holds the claim against the pod in
+the world.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
+#: Where the inbound sidecar reaches its own workload: over loopback, inside the pod, so
+#: the workload need not listen on the pod's IP and nothing outside the pod reaches it
+#: past the sidecar (with a NetworkPolicy, see ``inferlane inject``).
+DEFAULT_WORKLOAD_ADDRESS = "127.0.0.1"
 
 #: Longest node ID accepted; Istio's are well under this.
 MAX_NODE_ID_LENGTH = 512
@@ -47,12 +57,22 @@ class Proxy:
     inbound_port: int = DEFAULT_INBOUND_PORT
     gateway_port: int = DEFAULT_GATEWAY_PORT
     bind_address: str = DEFAULT_BIND_ADDRESS
+    #: The loopback address the inbound sidecar forwards to (``INFERLANE_WORKLOAD_ADDRESS``).
+    workload_address: str = DEFAULT_WORKLOAD_ADDRESS
     #: A gRPC proxyless client (grpcio's xDS resolver) rather than an Envoy. It subscribes
     #: by name and needs api_listeners; Envoy would reject those over LDS.
     proxyless: bool = False
-    #: ``namespace/serviceaccount`` the xDS stream authenticated as (on the TLS port), or
+    #: The ``SERVICE_ACCOUNT`` the node metadata claims (``""``: it claims none, and
+    #: ``service_account`` is the default). Kept to refuse a claim the world contradicts.
+    claimed_service_account: str = ""
+    #: ``namespace/serviceaccount`` the xDS stream authenticated as (on the TLS ports), or
     #: ``""`` when it did not authenticate. Workload secrets then go to that identity only.
     authenticated_identity: str = ""
+    #: The pod the stream's proof names: a bound service-account token names its pod; a
+    #: certificate names none (``""``).
+    authenticated_pod: str = ""
+    #: The IP address the xDS stream comes from (``""`` when not an IP peer).
+    peer_ip: str = ""
     #: Whether the stream may be sent workload secrets (SDS) at all: the plaintext xDS port
     #: clears it for peers outside its allowlist.
     secrets_allowed: bool = True
@@ -137,6 +157,17 @@ def proxy_from_node(
         ipaddress.ip_address(bind)
     except ValueError:
         raise NodeIdError(f"node metadata INFERLANE_BIND_ADDRESS={bind!r} is not an IP") from None
+    workload = str(metadata.get("INFERLANE_WORKLOAD_ADDRESS") or DEFAULT_WORKLOAD_ADDRESS)
+    try:
+        loopback = ipaddress.ip_address(workload).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise NodeIdError(
+            f"node metadata INFERLANE_WORKLOAD_ADDRESS={workload!r} is not a loopback IP: "
+            "the inbound sidecar reaches its workload inside the pod"
+        )
+    claimed_account = str(metadata.get("SERVICE_ACCOUNT") or "")
     return Proxy(
         node_id=node_id,
         kind=parsed.kind,
@@ -144,11 +175,13 @@ def proxy_from_node(
         pod_name=parsed.pod_name,
         namespace=parsed.namespace,
         dns_domain=parsed.dns_domain,
-        service_account=str(metadata.get("SERVICE_ACCOUNT") or "default"),
+        service_account=claimed_account or "default",
+        claimed_service_account=claimed_account,
         labels=MappingProxyType(labels),
         outbound_port=_port(metadata, "INFERLANE_OUTBOUND_PORT", DEFAULT_OUTBOUND_PORT),
         inbound_port=_port(metadata, "INFERLANE_INBOUND_PORT", DEFAULT_INBOUND_PORT),
         gateway_port=_port(metadata, "INFERLANE_GATEWAY_PORT", DEFAULT_GATEWAY_PORT),
         bind_address=bind,
+        workload_address=workload,
         proxyless=proxyless,
     )

@@ -20,6 +20,9 @@ from mtls.sds import ROOT_SECRET, WORKLOAD_SECRET
 
 #: The transport socket's extension name.
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+#: The DNS name every control-plane replica's serving certificate carries, and the one
+#: proxies check (SNI too), whatever address they dial.
+CONTROL_PLANE_NAME = "inferlane"
 #: What the inbound side offers; the HTTP connection manager (codec AUTO) follows ALPN.
 DOWNSTREAM_ALPN: tuple[str, ...] = ("h2", "http/1.1")
 
@@ -126,4 +129,25 @@ def downstream_mtls(
     """:func:`downstream_tls_context` wrapped as a filter chain's ``transport_socket``."""
     return _socket(
         downstream_tls_context(require_client_certificate, alpn_protocols=alpn_protocols)
+    )
+
+
+def upstream_control_plane_mtls(
+    server_name: str = CONTROL_PLANE_NAME, *, alpn_protocols: Sequence[str] = ("h2",)
+) -> base_pb2.TransportSocket:
+    """A sidecar's mTLS to the control plane's services (the global rate-limit service):
+    it presents its ``default`` certificate and checks the server against ``ROOTCA`` and
+    the DNS name ``server_name``, which every replica's serving certificate carries."""
+    validation = common_pb2.CertificateValidationContext(
+        match_typed_subject_alt_names=[
+            common_pb2.SubjectAltNameMatcher(
+                san_type=common_pb2.SubjectAltNameMatcher.DNS,
+                matcher=string_pb2.StringMatcher(exact=server_name),
+            )
+        ]
+    )
+    return _socket(
+        tls_pb2.UpstreamTlsContext(
+            common_tls_context=_common(alpn_protocols, validation), sni=server_name
+        )
     )

@@ -64,7 +64,7 @@ def _inbound(services: Sequence[InferenceService], proxy: Proxy) -> tuple[list[A
             if not own:
                 continue
             own.sort(key=lambda e: (e.address, e.port))
-            cluster_list.append(clusters.inbound_cluster(svc, own[0]))
+            cluster_list.append(clusters.inbound_cluster(svc, own[0], proxy))
             vhosts.append(
                 routes.virtual_host(svc, port, proxy.namespace, routes.inbound_routes(svc, port))
             )

@@ -18,6 +18,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from mesh.model import Endpoint, InferenceService, Priority, ServiceConfig
+from mesh.proxy import Proxy
 from routing import endpoints, names
 from routing.protos import ads_config_source, pack
 
@@ -155,10 +156,21 @@ def outbound_cluster(
     return cluster
 
 
-def inbound_cluster(svc: InferenceService, endpoint: Endpoint) -> Any:
-    """``inbound|PORT||HOST``: STATIC, the sidecar's own workload at its own address:port."""
+def inbound_target(proxy: Proxy, endpoint: Endpoint) -> endpoints.Target:
+    """Where ``proxy``, the sidecar of ``endpoint``'s pod, forwards what it admits: the
+    endpoint's port on the loopback address (``proxy.workload_address``), inside the pod.
+
+    Never the pod's IP: the workload need not listen there, so nothing outside the pod
+    reaches it without passing the sidecar's mTLS, caller check and limits (with the
+    NetworkPolicy ``inferlane inject`` writes, not even on ports it does listen on).
+    """
+    return endpoints.Target(proxy.workload_address, endpoint.port, endpoint.gpu, via_sidecar=False)
+
+
+def inbound_cluster(svc: InferenceService, endpoint: Endpoint, proxy: Proxy) -> Any:
+    """``inbound|PORT||HOST``: STATIC, the sidecar's own workload (:func:`inbound_target`)."""
     name = names.inbound_cluster(endpoint.service_port, svc.hostname)
-    target = endpoints.Target(endpoint.address, endpoint.port, endpoint.gpu, via_sidecar=False)
+    target = inbound_target(proxy, endpoint)
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,

@@ -105,7 +105,7 @@ class MeshGenerator:
             proxy.inbound_port,
             proxy.gateway_port,
             proxy.bind_address,
-            (proxy.pod_name, proxy.ip) if backs else None,
+            (proxy.pod_name, proxy.ip, proxy.workload_address) if backs else None,
             has_identity,
             limit_key(self.world, proxy, self.limits) if backs else (),
         )

@@ -42,6 +42,14 @@ reaches the service. Each route of a limited class sends the descriptor
 the one the route serves as (after defaulting and the caller clamp) and the caller is
 the proxy's identity.
 
+The service counts each call as the identity of its client certificate, not as the
+descriptor's ``caller`` (``xds_server/rls/service.py``), so the cluster speaks mTLS: the
+proxy presents its SDS ``default`` certificate and checks the service against ``ROOTCA``
+and the control plane's name. A proxy without an identity (its pod unknown, or a
+plaintext peer that gets no secrets) has no certificate to present: its calls cannot be
+counted and fail, and its filter refuses the limited classes whatever the failure mode,
+rather than letting an uncounted caller through.
+
 gRPC proxyless clients implement neither filter: they get no rate-limit config at all.
 """
 
@@ -76,6 +84,8 @@ from mesh.model import (
     World,
 )
 from mesh.proxy import Proxy, ProxyKind
+from mtls.identity import workload_identity
+from mtls.tls_context import CONTROL_PLANE_NAME, upstream_control_plane_mtls
 from ratelimit.adaptive import class_limits
 from ratelimit.local import (
     DEFAULT_RLS_TIMEOUT_S,
@@ -118,6 +128,10 @@ class RlsAddress:
 
     host: str
     port: int
+    #: The service requires mTLS with the mesh CA (the control plane's always does).
+    tls: bool = False
+    #: The name the service's certificate must carry (SNI too).
+    server_name: str = CONTROL_PLANE_NAME
 
     @property
     def is_ip(self) -> bool:
@@ -477,12 +491,15 @@ def _limit_routes(route_config: Any, limited: Mapping[str, InferenceService], ca
     return changed
 
 
-def rls_cluster_for(address: RlsAddress, name: str = RLS_CLUSTER) -> Any:
+def rls_cluster_for(address: RlsAddress, *, mtls: bool, name: str = RLS_CLUSTER) -> Any:
     """The cluster that reaches the rate-limit service: STATIC for an IP, STRICT_DNS for a
-    name (a Kubernetes Service's DNS name, say)."""
+    name (a Kubernetes Service's DNS name, say); over mTLS with the proxy's own SDS
+    certificate when ``mtls`` (only for a proxy that has one)."""
     cluster = rls_cluster(name, address.host, address.port)
     if not address.is_ip:
         cluster.type = cluster_pb2.Cluster.STRICT_DNS
+    if mtls and address.tls:
+        cluster.transport_socket.CopyFrom(upstream_control_plane_mtls(address.server_name))
     return cluster
 
 
@@ -511,9 +528,12 @@ def _global_limits(
     if not any_limited:
         return
     out[xds.ROUTE] = routes
+    # A proxy without an identity cannot authenticate to the service: refuse rather than
+    # let an uncounted caller through (see the module docstring).
+    identified = workload_identity(world, proxy) is not None
     http_filter = global_ratelimit_http_filter(
         RLS_CLUSTER,
-        failure_mode_deny=opts.failure_mode_deny,
+        failure_mode_deny=opts.failure_mode_deny or (rls.tls and not identified),
         timeout_s=opts.rls_timeout_s,
         stat_prefix=GLOBAL_STAT_PREFIX,
     )
@@ -524,5 +544,5 @@ def _global_limits(
             for listener in out[xds.LISTENER]
         ]
     clusters = [c for c in out.get(xds.CLUSTER, []) if c.name != RLS_CLUSTER]
-    clusters.append(rls_cluster_for(rls))
+    clusters.append(rls_cluster_for(rls, mtls=identified))
     out[xds.CLUSTER] = sorted(clusters, key=lambda c: str(c.name))

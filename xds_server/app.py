@@ -6,8 +6,9 @@ installs a new :class:`~routing.generator.MeshGenerator` in the cache and wakes 
 stream, which pulls its snapshot when its push runs.
 
 Mesh security (``mtls`` and ``xds_server/auth``) is set up first: the CA, the workload secrets
-(whose renewals trigger the debouncer like any other change), the TLS xDS port in front of
-the gRPC server, and the authorizer every stream passes.
+(whose renewals trigger the debouncer like any other change), the serving certificate of
+the authenticated ports (TLS and mutual TLS, served by gRPC itself; the global rate-limit
+service uses mutual TLS too), and the authorizer every stream passes.
 
 All long-running parts run as named tasks of one ``asyncio.TaskGroup``: the first failure
 cancels the rest and is re-raised, and shutdown stops the gRPC server with a grace period
@@ -45,7 +46,7 @@ from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, Pus
 from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
-from xds_server.auth.tls_front import TlsFront, server_ssl_context
+from xds_server.auth.transport import ServerCredentials, server_credentials
 from xds_server.describer import DESCRIPTION as DESCRIBE_PAGE
 from xds_server.describer import Describer
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
@@ -60,9 +61,13 @@ class ServeSettings:
     host: str = "0.0.0.0"
     #: Istio's ports where one exists (SPEC.md); 0 means any free port.
     xds_port: int = 15010
-    #: The TLS xDS port (``inferlane serve`` uses 15012); None serves no TLS port, so that
-    #: several control planes embedded in one test run do not contend for 15012.
+    #: The TLS xDS port, authenticated by service-account tokens (``inferlane serve`` uses
+    #: 15012); None serves no TLS port, so that several control planes embedded in one test
+    #: run do not contend for 15012.
     xds_tls_port: int | None = None
+    #: The mutual-TLS xDS port, authenticated by client certificates from the mesh CA
+    #: (``inferlane serve`` uses 15011); None serves none, as for the TLS port.
+    xds_mtls_port: int | None = None
     admin_port: int = 15014
     ports_file: Path | None = None
     debounce: DebounceSettings = field(default_factory=DebounceSettings)
@@ -136,9 +141,9 @@ class ControlPlane:
         )
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
-        #: Set up in run(): the workload secrets and the TLS port's front.
+        #: Set up in run(): the workload secrets and the authenticated ports' credentials.
         self.secrets: SecretStore | None = None
-        self.tls_front: TlsFront | None = None
+        self.credentials: ServerCredentials | None = None
         self.tls_options = SecurityOptions(
             trust_domain=settings.security.trust_domain,
             connection_lifetime_s=settings.security.connection_lifetime_s,
@@ -191,8 +196,7 @@ class ControlPlane:
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
             return {"ready": False}
-        refused = self.tls_front.refused if self.tls_front else 0
-        return {"ready": True, **self.secrets.describe(), "tls_handshakes_refused": refused}
+        return {"ready": True, **self.secrets.describe()}
 
     async def _kubernetes_api(self, stack: contextlib.AsyncExitStack) -> Any | None:
         """An API client, when something needs one: the CA Secret, token reviews or the
@@ -208,10 +212,9 @@ class ControlPlane:
         stack.push_async_callback(api.close)
         return api
 
-    async def _set_up_security(
-        self, stack: contextlib.AsyncExitStack, relay_port: int | None
-    ) -> None:
-        """The CA, the secret store, the TLS port's front and the stream authorizer."""
+    async def _set_up_security(self, stack: contextlib.AsyncExitStack) -> None:
+        """The CA, the secret store, the authenticated ports' credentials and the stream
+        authorizer."""
         from kubernetes.aio.client import AuthenticationV1Api, CoreV1Api
 
         sec = self.settings.security
@@ -232,15 +235,14 @@ class ControlPlane:
             self.root_certs = RootCertPublisher(CoreV1Api(api), lambda: secrets.trust_bundle_pem)
             if self.world is not None:
                 self.root_certs.set_world(self.world)
-        if relay_port is not None:
-            names = list(dict.fromkeys([*sec.server_names, self.settings.host]))
+        s = self.settings
+        if (s.xds_tls_port, s.xds_mtls_port, s.ratelimit.rls_port) != (None, None, None):
+            names = list(dict.fromkeys([*sec.server_names, s.host]))
             names = [n for n in names if n not in ("", "0.0.0.0", "::")]
-            context = await asyncio.to_thread(server_ssl_context, ca, names)
-            self.tls_front = TlsFront(context, relay_port)
+            self.credentials = await asyncio.to_thread(server_credentials, ca, names)
         self.xds.authorizer = MeshAuthorizer(
             ca=ca,
             world=lambda: self.world,
-            front=self.tls_front,
             trust_domain=sec.trust_domain,
             plaintext_secrets_from=sec.plaintext_secrets_from,
             tokens=tokens,
@@ -255,22 +257,27 @@ class ControlPlane:
             ]
         )
         self.xds.add_to(grpc_server)
-        xds_port = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
-        # The TLS front relays to this loopback-only port (see xds_server/auth/tls_front.py).
-        relay_port = (
-            grpc_server.add_insecure_port("127.0.0.1:0") if s.xds_tls_port is not None else None
-        )
         async with contextlib.AsyncExitStack() as stack:
-            await self._set_up_security(stack, relay_port)
+            await self._set_up_security(stack)
             assert self.secrets is not None
+            # gRPC raises when it cannot bind a port.
+            ports = {"xds": grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")}
+            if self.credentials is not None:
+                for name, port, credentials in (
+                    ("xds_tls", s.xds_tls_port, self.credentials.tls),
+                    ("xds_mtls", s.xds_mtls_port, self.credentials.mtls),
+                ):
+                    if port is not None:
+                        address = f"{_host(s.host)}:{port}"
+                        ports[name] = grpc_server.add_secure_port(address, credentials)
             await grpc_server.start()
             stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
-            ports = {"xds": xds_port}
-            if self.tls_front is not None and s.xds_tls_port is not None:
-                ports["xds_tls"] = await self.tls_front.start(s.host, s.xds_tls_port)
-                stack.push_async_callback(self.tls_front.close)
             stack.push_async_callback(self.ratelimits.stop)
-            rls_port = await self.ratelimits.start(s.host)
+            rls_port = await self.ratelimits.start(
+                s.host,
+                self.credentials.mtls if self.credentials else None,
+                s.security.trust_domain,
+            )
             if rls_port is not None:
                 ports["rls"] = rls_port
             admin_port = await stack.enter_async_context(

@@ -41,7 +41,13 @@ DASHBOARD = (
 UPDATE_ENV = "INFERLANE_UPDATE_SNAPSHOTS"
 
 #: SPEC.md "The control plane's ports".
-SPEC_PORTS = {"grpc-xds": 15010, "https-xds": 15012, "http-monitoring": 15014, "grpc-rls": 8081}
+SPEC_PORTS = {
+    "grpc-xds": 15010,
+    "https-xds-mtls": 15011,
+    "https-xds": 15012,
+    "http-monitoring": 15014,
+    "grpc-rls": 8081,
+}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -112,6 +118,22 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "annotations": {"grafana_folder": "Mesh"},
         }
     },
+    "global-rate-limit": {
+        "globalRateLimit": {
+            "enabled": True,
+            "failureMode": "closed",
+            "redis": {"existingSecret": "ratelimit-redis", "existingSecretKey": "uri"},
+        }
+    },
+    "global-rate-limit-url": {
+        "replicaCount": 3,
+        "globalRateLimit": {
+            "enabled": True,
+            "address": "ratelimit.mesh.example",
+            "redis": {"url": "redis://redis.mesh-system.svc:6379/2"},
+        },
+    },
+    "global-rate-limit-one-replica": {"replicaCount": 1, "globalRateLimit": {"enabled": True}},
 }
 
 
@@ -280,8 +302,10 @@ def test_the_cli_understands_the_container_arguments() -> None:
     assert parsed.command == "serve"
     assert parsed.kubernetes is True
     assert (parsed.xds_port, parsed.admin_port) == (15010, 15014)
-    assert parsed.xds_tls_port == 15012
-    assert parsed.rls_port == 8081
+    assert (parsed.xds_mtls_port, parsed.xds_tls_port) == (15011, 15012)
+    # No Redis by default, so no global rate-limit service (two replicas could not share
+    # its counters).
+    assert parsed.rls_port is None
     assert parsed.ca_secret == f"{RELEASE}-ca"
     assert parsed.trust_domain == "cluster.local"
 
@@ -297,6 +321,48 @@ def test_the_dashboard_is_off_by_default_and_loadable_by_grafana() -> None:
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Mesh"}
     (text,) = config_map["data"].values()
     assert json.loads(text) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def _env(objects: list[Obj]) -> dict[str, Any]:
+    return {e["name"]: e.get("valueFrom", e.get("value")) for e in _container(objects)["env"]}
+
+
+def test_global_rate_limit_service_is_reachable_and_shares_its_counters() -> None:
+    """Sidecars get the chart's Service as the service's address, and every replica the same
+    Redis: from a Secret (kept out of the arguments) or a URL."""
+    objects = render(VALUE_SETS["global-rate-limit"])
+    parsed = build_parser().parse_args(expanded_args(objects))
+    assert parsed.rls_port == 8081
+    assert parsed.rls_address == f"{RELEASE}.{NAMESPACE}.svc"
+    service = one(objects, "Service")
+    assert parsed.rls_address == f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    assert parsed.rate_limit_failure_mode == "closed"
+    assert _env(objects)["INFERLANE_REDIS_URL"] == {
+        "secretKeyRef": {"name": "ratelimit-redis", "key": "uri"}
+    }
+    assert not any("redis" in arg for arg in _container(objects)["args"])
+
+    objects = render(VALUE_SETS["global-rate-limit-url"])
+    parsed = build_parser().parse_args(expanded_args(objects))
+    assert (parsed.rls_port, parsed.rls_address) == (8081, "ratelimit.mesh.example")
+    assert parsed.rate_limit_failure_mode == "open"
+    config = one(objects, "ConfigMap")["data"]
+    assert config["INFERLANE_REDIS_URL"] == "redis://redis.mesh-system.svc:6379/2"
+    ref = _env(objects)["INFERLANE_REDIS_URL"]["configMapKeyRef"]
+    assert ref == {"name": f"{RELEASE}-config", "key": "INFERLANE_REDIS_URL"}
+
+    # One replica may count in memory.
+    objects = render(VALUE_SETS["global-rate-limit-one-replica"])
+    assert build_parser().parse_args(expanded_args(objects)).rls_port == 8081
+    assert "INFERLANE_REDIS_URL" not in _env(objects)
+
+
+@pytest.mark.parametrize("replicas", [2, 5])
+def test_several_replicas_with_counters_in_memory_are_refused(replicas: int) -> None:
+    with pytest.raises(
+        helm.HelmError, match=r"globalRateLimit\.enabled with replicaCount \d+ needs Redis"
+    ):
+        render({"replicaCount": replicas, "globalRateLimit": {"enabled": True}})
 
 
 def test_existing_ca_secret_is_only_read() -> None:
@@ -362,6 +428,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"tolerations": [{"key": "a", "operatr": "Exists"}]}, "operatr"),
     ({"serviceMonitor": {"enable": True}}, "enable"),
     ({"podDisruptionBudget": {"minAvailable": "half"}}, "minAvailable"),
+    ({"globalRateLimit": {"failureMode": "maybe"}}, "failureMode"),
+    ({"globalRateLimit": {"redis": {"url": "http://redis:6379"}}}, "url"),
+    ({"globalRateLimit": {"redis": {"password": "x"}}}, "password"),
+    ({"globalRateLimit": {"address": "not an address"}}, "address"),
 ]
 
 

@@ -32,7 +32,7 @@ from mesh.proxy import ProxyKind, proxy_from_node
 from mtls.ca import CertificateAuthority
 from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
-from tests.chart.render import Obj, validate
+from tests.chart.render import Obj, one, render, validate
 from tests.e2e.harness import free_port
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
@@ -40,6 +40,7 @@ from xds_server.cli import main
 from xds_server.sidecar.inject import (
     CA_PATH,
     CA_VOLUME,
+    PROMETHEUS_PORT,
     SIDECAR_NAME,
     TEMPLATE_PATHS,
     TOKEN_DIR,
@@ -164,8 +165,22 @@ def test_output_is_valid_kubernetes(opts: InjectOptions) -> None:
     assert checked > 20
 
 
+def added_policy(chunk: Any) -> bool:
+    """Whether a document is a NetworkPolicy that inject added."""
+    docs = load(chunk.separator + chunk.body)
+    return (
+        len(docs) == 1
+        and (doc := docs[0]).get("kind") == "NetworkPolicy"
+        and doc["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") == "inferlane"
+    )
+
+
+def without_added_policies(text: str) -> list[Any]:
+    return [c for c in split_documents(text) if not added_policy(c)]
+
+
 def test_documents_without_pod_templates_are_kept_byte_for_byte(opts: InjectOptions) -> None:
-    out = split_documents(injected(WORKLOADS, opts))
+    out = without_added_policies(injected(WORKLOADS, opts))
     original = split_documents(WORKLOADS)
     assert len(out) == len(original)
     kept = 0
@@ -254,6 +269,89 @@ def test_the_root_certificate_comes_from_the_published_configmap(
     assert root["ssl_credentials"]["root_certs"] == {"inline_string": inline.ca_pem}
     inline_dep = next(o for o in load(injected(WORKLOADS, inline)) if o.get("kind") == "Deployment")
     assert CA_VOLUME not in {v["name"] for v in inline_dep["spec"]["template"]["spec"]["volumes"]}
+
+
+def policies(text: str) -> dict[str, Obj]:
+    return {o["metadata"]["name"]: o for o in objects(load(text)) if o["kind"] == "NetworkPolicy"}
+
+
+def test_each_workload_is_reachable_only_through_its_sidecar(opts: InjectOptions) -> None:
+    """Its NetworkPolicy admits other pods on the sidecar's inbound port alone, and the
+    control plane's pods on the workload's own ports (for /metrics)."""
+    result = inject_text(WORKLOADS, opts)
+    found = policies(result.text)
+    assert sorted(found) == [
+        "agent-inferlane",
+        "batch-inferlane",
+        "chat-inferlane",
+        "debug-inferlane",
+        "embedder-inferlane",
+        "llama-inferlane",
+        "nightly-inferlane",
+    ]
+    assert result.unprotected == ("Pod apps/listed: its pods carry no labels to select them by",)
+    control_plane = one(render(), "Deployment")["spec"]["template"]["metadata"]
+    workloads = {o["metadata"]["name"]: o for o in objects(load(result.text)) if template_of(o)}
+    for name, policy in found.items():
+        validate(policy)
+        workload = workloads[name.removesuffix("-inferlane")]
+        template = template_of(workload)
+        assert template is not None
+        assert policy["metadata"]["namespace"] == workload["metadata"]["namespace"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert selector.items() <= template["metadata"]["labels"].items(), name
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        anyone, from_control_plane = policy["spec"]["ingress"]
+        # Anyone, but only on the port the sidecar's inbound listener binds (the one its
+        # readiness probe checks and its node metadata leaves at the default)
+        (sidecar,) = sidecars(template)
+        config = json.loads(sidecar["args"][sidecar["args"].index("--config-yaml") + 1])
+        overrides = {k: v for k, v in config["node"]["metadata"].items() if "INFERLANE" in k}
+        inbound = proxy_from_node(
+            "sidecar~10.0.0.1~p.apps~apps.svc.cluster.local", overrides
+        ).inbound_port
+        # and the port that serves the sidecar's Prometheus stats alone.
+        assert anyone == {
+            "ports": [
+                {"protocol": "TCP", "port": inbound},
+                {"protocol": "TCP", "port": PROMETHEUS_PORT},
+            ]
+        }
+        assert sidecar["readinessProbe"]["tcpSocket"]["port"] == inbound
+        # The control plane, as the chart labels its pods, in its namespace.
+        (peer,) = from_control_plane["from"]
+        ns = peer["namespaceSelector"]["matchLabels"]
+        assert ns == {"kubernetes.io/metadata.name": "inferlane"}
+        pod_labels = peer["podSelector"]["matchLabels"]
+        assert pod_labels.items() <= control_plane["labels"].items()
+        declared = [
+            p["containerPort"]
+            for c in template["spec"]["containers"]
+            if c["name"] != SIDECAR_NAME
+            for p in c.get("ports", [])
+        ]
+        allowed = [p["port"] for p in from_control_plane.get("ports", [])]
+        assert allowed == declared, name
+    assert found["chat-inferlane"]["spec"]["ingress"][1]["ports"] == [
+        {"protocol": "TCP", "port": 8080}
+    ]
+
+
+def test_network_policy_options(ca: CertificateAuthority) -> None:
+    pem = ca.trust_bundle_pem.decode()
+    off = inject_text(WORKLOADS, InjectOptions(ca_pem=pem, network_policy=False))
+    assert policies(off.text) == {} and off.unprotected == ()
+    for options, namespace in (
+        (InjectOptions(ca_pem=pem, xds_host="cp.mesh-system.svc.cluster.local"), "mesh-system"),
+        (InjectOptions(ca_pem=pem, xds_host="10.0.0.5", control_plane_namespace="x"), "x"),
+        (InjectOptions(ca_pem=pem, xds_host="10.0.0.5"), "inferlane"),
+    ):
+        (peer,) = policies(inject_text(POD_WITH_LABELS, options).text)["p-inferlane"]["spec"][
+            "ingress"
+        ][1]["from"]
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": namespace
+        }
 
 
 # --- the bootstrap, as the kubelet runs it -------------------------------------------------
@@ -467,6 +565,7 @@ async def test_envoy_sends_the_token_over_tls(
 # --- bad input -----------------------------------------------------------------------------
 
 POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: b}]\n"
+POD_WITH_LABELS = POD.replace("{name: p}", "{name: p, labels: {app: p}}")
 
 
 @pytest.mark.parametrize(
@@ -509,6 +608,7 @@ def test_cli_prints_manifests_or_errors(
     out, err = capsys.readouterr()
     assert out == injected(WORKLOADS, inline)
     assert "not injected: Pod apps/legacy" in err
+    assert "no NetworkPolicy: Pod apps/listed" in err
     # No CA file needed: the sidecars mount the published root.
     assert main(["inject", "-f", str(manifests)]) == 0
     assert capsys.readouterr().out == injected(WORKLOADS, opts)
@@ -551,6 +651,16 @@ def test_cli_reads_stdin_and_honours_options(
     override = grpc_config["channel_args"]["args"]["grpc.ssl_target_name_override"]
     assert override == {"string_value": "istiod.mesh.svc"}
 
+    monkeypatch.setattr("sys.stdin", io.StringIO(POD_WITH_LABELS))
+    argv = ["inject", "-f", "-", "--ca-file", str(ca_file), "--xds", "10.0.0.5:15012"]
+    assert main([*argv, "--control-plane-namespace", "mesh"]) == 0
+    _pod, policy = load(capsys.readouterr().out)
+    (peer,) = policy["spec"]["ingress"][1]["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "mesh"}
+    monkeypatch.setattr("sys.stdin", io.StringIO(POD_WITH_LABELS))
+    assert main([*argv, "--no-network-policy"]) == 0
+    assert [o["kind"] for o in load(capsys.readouterr().out)] == ["Pod"]
+
 
 # --- properties ----------------------------------------------------------------------------
 
@@ -590,13 +700,20 @@ def test_streams_keep_others_and_inject_once(opts: InjectOptions, docs: list[str
     result = inject_text(text, opts)
     assert result.errors == ()
     assert len(result.injected) == sum(1 for d in docs if "kind: Pod" in d)
-    for before, after in zip(split_documents(text), split_documents(result.text), strict=True):
+    for before, after in zip(
+        split_documents(text), without_added_policies(result.text), strict=True
+    ):
         if "kind: Pod" not in before.body:
             assert (after.separator, after.body) == (before.separator, before.body)
     assert inject_text(result.text, opts).text == result.text
-    for obj in objects(load(result.text)):
-        if obj["kind"] == "Pod":
-            assert len(sidecars(obj)) == 1
+    pods = [o for o in objects(load(result.text)) if o["kind"] == "Pod"]
+    for pod in pods:
+        assert len(sidecars(pod)) == 1
+    # A policy for each Pod that has labels to select it by; the rest are named.
+    labelled = sum(1 for pod in pods if pod["metadata"]["labels"])
+    policies = [o for o in objects(load(result.text)) if o["kind"] == "NetworkPolicy"]
+    assert len(policies) == labelled
+    assert len(result.unprotected) == len(pods) - labelled
 
 
 @settings(

@@ -186,6 +186,8 @@ def sidecar(
         "NAMESPACE": namespace,
         "SERVICE_ACCOUNT": service_account,
         "INFERLANE_BIND_ADDRESS": ip,
+        # Pods share this host's loopback: each workload listens on its own pod IP.
+        "INFERLANE_WORKLOAD_ADDRESS": ip,
         "INFERLANE_OUTBOUND_PORT": str(outbound),
         "INFERLANE_INBOUND_PORT": str(free_port(ip)),
     }

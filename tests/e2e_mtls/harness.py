@@ -100,6 +100,7 @@ def settings(
         host="127.0.0.1",
         xds_port=xds_port,
         xds_tls_port=0,
+        xds_mtls_port=0,
         admin_port=0,
         debounce=DebounceSettings(quiet=0.02, max_delay=0.2),
         shutdown_grace=0.2,
@@ -126,6 +127,9 @@ class Sidecar:
     namespace: str = "default"
     outbound_port: int = 0
     inbound_port: int = 0
+    #: Where the inbound sidecar reaches its workload: by default the pod's own IP, since
+    #: every pod here shares this host's loopback.
+    workload_address: str = ""
     envoy: Envoy | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,7 @@ class Sidecar:
         meta = {
             "NAMESPACE": self.namespace,
             "INFERLANE_BIND_ADDRESS": self.ip,
+            "INFERLANE_WORKLOAD_ADDRESS": self.workload_address or self.ip,
             "INFERLANE_OUTBOUND_PORT": str(self.outbound_port),
             "INFERLANE_INBOUND_PORT": str(self.inbound_port),
         }

@@ -1,5 +1,6 @@
-"""xds_server.auth.authorizer and the generator's secrets, without Envoy: parsing, the secret
-store and its renewal, token reviews against a fake API server, and the authorizer."""
+"""Mesh security at run time, without Envoy: parsing, the secret store and its renewal, the
+generator's secrets, and token reviews against a fake API server. (The authorizer:
+test_identity_binding.py.)"""
 
 from __future__ import annotations
 
@@ -13,19 +14,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import grpc
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.aio.client import ApiClient, AuthenticationV1Api, Configuration
 
 from mesh import xds
 from mesh.model import Workload, World
-from mesh.proxy import Proxy
-from mtls.ca import CaLoadError, CertificateAuthority, IssuedCert
+from mtls.ca import CaLoadError, CertificateAuthority
 from mtls.identity import Identity
 from mtls.secrets import SecretStore
 from mtls.store import load_ca, parse_secret_ref
@@ -33,10 +31,8 @@ from mtls.tokens import KubernetesTokenReviewer, TokenIdentity, bearer_token
 from routing.generator import MeshGenerator
 from tests.mtls.fake_kube import FakeSecretsServer, core_api, serve
 from tests.routing.factories import endpoint, proxy, service
-from xds_server.ads.server import Refusal
-from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings, parse_networks
-from xds_server.auth.tls_front import TlsPeer, parse_grpc_peer
+from xds_server.auth.transport import parse_grpc_peer
 
 TD = "cluster.local"
 
@@ -318,102 +314,3 @@ async def test_token_reviews() -> None:
         ):
             result = await reviewer.review(token)
             assert isinstance(result, str) and reason in result, (token, result)
-
-
-# --------------------------------------------------------------------------- the authorizer
-
-
-class FakeContext:
-    def __init__(self, peer: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self._peer = peer
-        self._metadata = metadata
-
-    def peer(self) -> str:
-        return self._peer
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-
-class FakeFront:
-    """Every stream from 127.0.0.1:4000 came over TLS from ``peer``."""
-
-    def __init__(self, peer: TlsPeer) -> None:
-        self.tls_peer = peer
-
-    def peer(self, grpc_peer: str) -> TlsPeer | None:
-        return self.tls_peer if grpc_peer == "ipv4:127.0.0.1:4000" else None
-
-
-class FakeTokens:
-    async def review(self, token: str) -> TokenIdentity | str:
-        return TokenIdentity("default", "chat") if token == "t" else "token refused"
-
-
-def _der(issued: IssuedCert) -> bytes:
-    cert = x509.load_pem_x509_certificate(issued.cert_pem)
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _authorizer(ca: CertificateAuthority, certificate: bytes | None) -> MeshAuthorizer:
-    world = _world({"chat-0": "chat", "gpu-0": "llama"})
-    return MeshAuthorizer(
-        ca=ca,
-        world=lambda: world,
-        front=FakeFront(TlsPeer("10.9.9.9", 5555, certificate)),
-        plaintext_secrets_from=(ipaddress.ip_network("127.0.0.0/8"),),
-        tokens=FakeTokens(),
-    )
-
-
-async def _admit(authorizer: MeshAuthorizer, who: Proxy, context: FakeContext) -> Any:
-    return await authorizer.admit(who, context)
-
-
-async def test_plaintext_peers_outside_the_allowlist_get_no_secrets(
-    ca: CertificateAuthority,
-) -> None:
-    authorizer = _authorizer(ca, None)
-    who = proxy(pod="chat-0")
-    assert await _admit(authorizer, who, FakeContext("ipv4:127.0.0.9:1")) is who
-    narrowed = await _admit(authorizer, who, FakeContext("ipv4:10.0.0.2:1"))
-    assert isinstance(narrowed, Proxy) and not narrowed.secrets_allowed
-
-
-@pytest.mark.parametrize(
-    ("pod", "namespace", "metadata", "expected"),
-    [
-        ("chat-0", "default", (("authorization", "Bearer t"),), "default/chat"),
-        ("new-0", "default", (("authorization", "Bearer t"),), "default/chat"),
-        ("gpu-0", "default", (("authorization", "Bearer t"),), grpc.StatusCode.PERMISSION_DENIED),
-        ("chat-0", "prod", (("authorization", "Bearer t"),), grpc.StatusCode.PERMISSION_DENIED),
-        ("chat-0", "default", (("authorization", "Bearer x"),), grpc.StatusCode.UNAUTHENTICATED),
-        ("chat-0", "default", (), grpc.StatusCode.UNAUTHENTICATED),
-    ],
-    ids=["own-pod", "pod-not-yet-known", "other-pod", "other-namespace", "bad-token", "nothing"],
-)
-async def test_tls_streams_must_be_who_they_claim(
-    ca: CertificateAuthority,
-    pod: str,
-    namespace: str,
-    metadata: tuple[tuple[str, str], ...],
-    expected: str | grpc.StatusCode,
-) -> None:
-    who = proxy(pod=pod, namespace=namespace, service_account="claimed")
-    result = await _admit(_authorizer(ca, None), who, FakeContext("ipv4:127.0.0.1:4000", metadata))
-    if isinstance(expected, str):
-        assert isinstance(result, Proxy)
-        assert result.authenticated_identity == expected
-        assert result.service_account == "chat"  # the authenticated account, not the claim
-    else:
-        assert isinstance(result, Refusal) and result.code == expected
-
-
-async def test_client_certificates_authenticate(ca: CertificateAuthority) -> None:
-    mine = _authorizer(ca, _der(ca.issue_workload(TD, "default", "chat")))
-    result = await _admit(mine, proxy(pod="chat-0"), FakeContext("ipv4:127.0.0.1:4000"))
-    assert isinstance(result, Proxy) and result.authenticated_identity == "default/chat"
-    elsewhere = _authorizer(ca, _der(ca.issue_workload("other.td", "default", "chat")))
-    refused = await _admit(elsewhere, proxy(pod="chat-0"), FakeContext("ipv4:127.0.0.1:4000"))
-    assert isinstance(refused, Refusal) and refused.code == grpc.StatusCode.UNAUTHENTICATED
-    assert "other.td" in refused.message

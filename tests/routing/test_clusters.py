@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -92,12 +93,19 @@ def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
         assert not cluster.typed_extension_protocol_options
 
 
-def test_inbound_cluster_is_static_at_the_workloads_own_address() -> None:
+@pytest.mark.parametrize(("workload", "expected"), [(None, "127.0.0.1"), ("::1", "::1")])
+def test_inbound_cluster_targets_the_workload_over_loopback(
+    workload: str | None, expected: str
+) -> None:
+    """The pod's own port on loopback, never the pod IP: the workload need not listen where
+    other pods reach it (issue 11, #12)."""
     me = proxy(pod="gpu-0", ip="10.0.0.1")
+    if workload is not None:
+        me = dataclasses.replace(me, workload_address=workload)
     resources = build(llama_world(), me, {})
     inbound = _cluster(resources, "inbound|8000||llama.default.svc.cluster.local")
     assert inbound.type == cluster_pb2.Cluster.STATIC
     (locality,) = inbound.load_assignment.endpoints
     (lb,) = locality.lb_endpoints
     address = lb.endpoint.address.socket_address
-    assert (address.address, address.port_value) == ("10.0.0.1", 9000)
+    assert (address.address, address.port_value) == (expected, 9000)

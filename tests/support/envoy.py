@@ -1,4 +1,5 @@
-"""Envoy for tests: bench.envoy's runner, skipping when no envoy binary is installed."""
+"""Envoy for tests: bench.envoy's runner, skipping when no envoy binary is installed (a failure
+in CI: tests/conftest.py)."""
 
 from __future__ import annotations
 

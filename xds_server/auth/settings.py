@@ -11,15 +11,17 @@ from typing import Final
 
 from mtls.ca import DEFAULT_WORKLOAD_TTL
 from mtls.identity import DEFAULT_TRUST_DOMAIN
+from mtls.tls_context import CONTROL_PLANE_NAME
 from mtls.tokens import TOKEN_AUDIENCE
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Peers that get secrets on the plaintext port unless told otherwise: this host only.
 DEFAULT_PLAINTEXT_SECRETS_FROM: Final = ("127.0.0.1/32", "::1/128")
-#: Names the TLS port's certificate carries. Bootstraps verify ``inferlane`` (the SNI and
-#: SAN ``inferlane bootstrap`` uses), whatever address they connect to.
-DEFAULT_SERVER_NAMES: Final = ("inferlane", "localhost", "127.0.0.1", "::1")
+#: Names the certificate of the TLS ports and the rate-limit service carries. Proxies
+#: verify ``inferlane`` (the SNI and SAN of bootstraps, injected sidecars and the RLS
+#: cluster), whatever address they connect to.
+DEFAULT_SERVER_NAMES: Final = (CONTROL_PLANE_NAME, "localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class SecuritySettings:
     plaintext_secrets_from: tuple[IpNetwork, ...] = tuple(
         ipaddress.ip_network(n) for n in DEFAULT_PLAINTEXT_SECRETS_FROM
     )
-    #: DNS names and IPs of the TLS port's certificate.
+    #: DNS names and IPs of the TLS ports' certificate.
     server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES
     token_audience: str = TOKEN_AUDIENCE
 

@@ -19,6 +19,16 @@ def port(text: str) -> int:
     return value
 
 
+def port_or_off(text: str) -> int | None:
+    """A TCP port as :func:`port`, or ``off`` (None): serve nothing there."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535) or 'off'") from None
+
+
 def networks(text: str) -> tuple[IpNetwork, ...]:
     parsed = parse_networks(text)
     if isinstance(parsed, str):

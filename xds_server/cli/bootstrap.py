@@ -32,7 +32,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="node metadata (repeatable); a JSON value for LABELS",
     )
-    boot.add_argument("--tls-ca", help="CA file: connect to the xDS TLS port (15012)")
+    boot.add_argument(
+        "--tls-ca",
+        help="CA file: connect over TLS (to 15011 with --tls-cert and --tls-key, to 15012 "
+        "with --token-file)",
+    )
     boot.add_argument("--tls-cert", default="", help="client certificate file (with --tls-ca)")
     boot.add_argument("--tls-key", default="", help="client key file (with --tls-ca)")
     boot.add_argument(

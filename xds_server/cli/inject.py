@@ -56,6 +56,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--cluster-domain", default=CLUSTER_DOMAIN, help="DNS domain of the cluster"
     )
+    parser.add_argument(
+        "--no-network-policy",
+        dest="network_policy",
+        action="store_false",
+        help="do not add a NetworkPolicy per workload (by default one admits other pods "
+        "only on the sidecar's inbound port, and the control plane on the workload's ports)",
+    )
+    parser.add_argument(
+        "--control-plane-namespace",
+        default="",
+        metavar="NAMESPACE",
+        help="the control plane's namespace, for the NetworkPolicy (default: from --xds "
+        "when it is a Service name, NAME.NAMESPACE.svc)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -72,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         host, port = parse_host_port(args.xds)
         check_host(args.server_name)
         check_host(args.cluster_domain)
+        if args.control_plane_namespace:
+            check_host(args.control_plane_namespace)
         ca_pem = read_ca(Path(args.ca_file).read_bytes(), args.ca_file) if args.ca_file else None
         text = _read_input(args.filename)
     except (InjectError, OSError, UnicodeDecodeError) as exc:
@@ -85,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         delta=args.delta,
         cluster_domain=args.cluster_domain,
+        network_policy=args.network_policy,
+        control_plane_namespace=args.control_plane_namespace,
     )
     result = inject_text(text, opts)
     if result.errors:
@@ -93,5 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for note in result.skipped:
         print(f"inferlane inject: not injected: {note}", file=sys.stderr)
+    for note in result.unprotected:
+        print(f"inferlane inject: no NetworkPolicy: {note}", file=sys.stderr)
     sys.stdout.write(result.text)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,9 @@ from mtls.identity import DEFAULT_TRUST_DOMAIN
 from xds_server.ads.debounce import DebounceSettings
 from xds_server.auth.settings import DEFAULT_PLAINTEXT_SECRETS_FROM, DEFAULT_SERVER_NAMES
 from xds_server.cli import args
+
+#: The environment variable ``--redis`` defaults to (the chart sets it from a Secret).
+REDIS_URL_ENV = "INFERLANE_REDIS_URL"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,9 +30,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--xds-port", type=args.port, default=15010, help="plaintext xDS (0 = any)")
     serve.add_argument(
         "--xds-tls-port",
-        type=args.port,
+        type=args.port_or_off,
         default=15012,
-        help="xDS over TLS, authenticated (0 = any)",
+        help="xDS over TLS, authenticated by service-account tokens (0 = any, off = none)",
+    )
+    serve.add_argument(
+        "--xds-mtls-port",
+        type=args.port_or_off,
+        default=15011,
+        help="xDS over mutual TLS, authenticated by mesh certificates (0 = any, off = none)",
     )
     serve.add_argument("--admin-port", type=args.port, default=15014, help="admin HTTP (0 = any)")
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
@@ -73,28 +83,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=args.names,
         default=(),
         metavar="NAME[,NAME...]",
-        help="extra DNS names or IPs for the TLS port's certificate "
-        f"(always: {', '.join(DEFAULT_SERVER_NAMES)})",
+        help="extra DNS names or IPs for the certificate of the TLS ports and the "
+        f"rate-limit service (always: {', '.join(DEFAULT_SERVER_NAMES)})",
     )
     limits = serve.add_argument_group("rate limits")
     limits.add_argument(
         "--rls-port",
-        type=args.port,
+        type=args.port_or_off,
         default=8081,
-        help="global rate-limit service, envoy.service.ratelimit.v3 (0 = any; default 8081)",
+        help="global rate-limit service, envoy.service.ratelimit.v3, over mutual TLS "
+        "(0 = any, off = none: global-rate-limit annotations then have no effect; default 8081)",
     )
     limits.add_argument(
         "--rls-address",
         default="",
         metavar="HOST",
         help="where proxies reach the rate-limit service (default: --host, or 127.0.0.1 "
-        "when that is a wildcard; in a cluster, this Service's DNS name)",
+        "when that is a wildcard; in a cluster, this Service's DNS name). Proxies check "
+        "that its certificate carries the name inferlane",
     )
     limits.add_argument(
         "--redis",
         metavar="URL",
+        default=os.environ.get(REDIS_URL_ENV) or None,
         help="keep global counters in this Redis (redis://HOST:PORT/DB or unix:///PATH), "
-        "shared by every replica; default: in this process",
+        f"shared by every replica (default: ${REDIS_URL_ENV}, which keeps a password out of "
+        "the arguments; without either, in this process)",
     )
     limits.add_argument(
         "--rate-limit-failure-mode",
@@ -119,6 +133,7 @@ def run(options: argparse.Namespace) -> int:
         host=options.host,
         xds_port=options.xds_port,
         xds_tls_port=options.xds_tls_port,
+        xds_mtls_port=options.xds_mtls_port,
         admin_port=options.admin_port,
         ports_file=options.ports_file,
         debounce=DebounceSettings(quiet=options.debounce_quiet, max_delay=options.debounce_max),

@@ -40,6 +40,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mesh.model import PRIORITIES, Endpoint, InferenceService, World
+from mtls.identity import DEFAULT_TRUST_DOMAIN
 from ratelimit.adaptive import (
     AdaptiveController,
     AdaptiveMetrics,
@@ -64,7 +65,12 @@ from routing.limits import (
     endpoint_key,
     endpoint_rates,
 )
-from xds_server.rls.service import DEFAULT_RLS_PORT, RateLimitService, start_rls_server
+from xds_server.rls.service import (
+    DEFAULT_RLS_PORT,
+    PeerCallers,
+    RateLimitService,
+    start_rls_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +228,7 @@ class RateLimitRuntime:
         self._server: Any = None
         self.port: int | None = None
         self._address: RlsAddress | None = None
+        self._unserved: set[str] = set()
         self.rounds = 0
 
     # -- the world --------------------------------------------------------------------
@@ -230,11 +237,24 @@ class RateLimitRuntime:
         """New rules for the service, and the adaptive endpoints to scrape."""
         self.world = world
         self.service.set_rules(rules_from_world(world))
+        if self.settings.rls_port is None:
+            self._warn_unserved(world)
         targets = adaptive_targets(world, self.settings.metrics_path)
         for gone in set(self._targets) - set(targets):
             self.controller.forget(gone)
         self._targets = targets
         self.metrics.targets.set(len(targets))
+
+    def _warn_unserved(self, world: World) -> None:
+        """Say once per Service that its global limit has no service to enforce it."""
+        limited = {f"{s.namespace}/{s.name}" for s in world.services if s.config.global_rate_limit}
+        for name in sorted(limited - self._unserved):
+            log.warning(
+                "%s sets inferlane.io/global-rate-limit, but this control plane runs no global "
+                "rate-limit service (--rls-port off): the limit is not enforced",
+                name,
+            )
+        self._unserved = limited
 
     def reset_adaptive(self) -> None:
         """Forget every endpoint's controller state (all limits back to the annotation's)
@@ -267,14 +287,23 @@ class RateLimitRuntime:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, host: str) -> int | None:
-        """Start the global service (when a port is set); returns the bound port."""
+    async def start(
+        self, host: str, credentials: Any | None = None, trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ) -> int | None:
+        """Start the global service (when a port is set); returns the bound port.
+
+        With ``credentials`` (gRPC server credentials that require a client certificate
+        from the mesh CA) every call is counted as its certificate's identity in
+        ``trust_domain``, and proxies reach the service over mTLS; without, it is
+        plaintext and trusts the descriptors (tests of the service alone).
+        """
         port = self.settings.rls_port
         if port is None:
             return None
-        self._server, self.port = await start_rls_server(self.service, host, port)
+        self.service.callers = PeerCallers(trust_domain) if credentials is not None else None
+        self._server, self.port = await start_rls_server(self.service, host, port, credentials)
         address = self.settings.rls_address or (host if host not in _WILDCARDS else "127.0.0.1")
-        self._address = RlsAddress(address.strip("[]"), self.port)
+        self._address = RlsAddress(address.strip("[]"), self.port, tls=credentials is not None)
         return self.port
 
     async def stop(self, grace: float | None = 0.2) -> None:

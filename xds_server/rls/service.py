@@ -19,6 +19,21 @@ by every replica), and answered as envoyproxy/ratelimit answers:
 Rules are swapped whole with :meth:`RateLimitService.set_rules` when the world changes;
 a call in flight keeps the rules it started with. Counters survive a swap: a rule that
 keeps its descriptor keeps counting in the same window.
+
+Who is counted
+==============
+
+The control plane serves the service over mutual TLS (:func:`start_rls_server` with
+credentials that require a client certificate from the mesh CA; sidecars present their
+SDS certificate) and with :class:`PeerCallers`: the ``caller`` of every descriptor is the
+SPIFFE identity of the call's certificate, whatever the descriptor says. A descriptor that
+names another caller, or none, is counted as the peer's (so no pod can drain another
+caller's budget or step outside its own), and a descriptor's own ``limit`` is ignored:
+limits come from the rules alone. Both are counted in
+``inferlane_rls_descriptors_corrected_total``.
+
+Without ``callers`` (a service that only trusted peers reach, as envoyproxy/ratelimit
+assumes) descriptors are counted as sent, ``limit`` overrides included.
 """
 
 from __future__ import annotations
@@ -34,7 +49,9 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter, Histogram
 
+from mtls.ca import MtlsError, parse_spiffe_id
 from ratelimit.counters import Check, Counters, Decision, Result
+from ratelimit.local import CALLER_KEY, SERVICE_KEY
 from ratelimit.rules import Entry, Rule, RuleSet, Unit, override_rule
 
 log = logging.getLogger(__name__)
@@ -69,6 +86,41 @@ class InvalidRequest(ValueError):
     """A request the service cannot answer (empty domain, no descriptors)."""
 
 
+class PeerCallers:
+    """The caller of a call is its client certificate's SPIFFE identity, ``NS/SA``.
+
+    gRPC has verified the certificate against the mesh roots in the handshake (the port
+    requires one); this reads the SPIFFE ID gRPC found in it and checks that it is one of
+    ours, in ``trust_domain``.
+    """
+
+    def __init__(self, trust_domain: str) -> None:
+        self.trust_domain = trust_domain
+
+    def __call__(self, context: Any) -> str | None:
+        """``NS/SA`` of the call's peer, or None when it has no SPIFFE ID of ours."""
+        found = (context.auth_context() or {}).get("peer_spiffe_id") or []
+        if len(found) != 1:
+            return None
+        try:
+            spiffe = parse_spiffe_id(bytes(found[0]).decode("ascii"))
+        except (MtlsError, UnicodeDecodeError):
+            return None
+        if spiffe.trust_domain != self.trust_domain:
+            return None
+        return f"{spiffe.namespace}/{spiffe.service_account}"
+
+
+def as_caller(entries: tuple[Entry, ...], caller: str) -> tuple[Entry, ...]:
+    """``entries`` counted as ``caller``'s: every ``caller`` entry names it, and a descriptor
+    without one gets it after its ``service`` entry (or first), so that leaving the caller
+    out does not step outside the per-caller rules."""
+    if any(key == CALLER_KEY for key, _ in entries):
+        return tuple((key, caller if key == CALLER_KEY else value) for key, value in entries)
+    at = next((i + 1 for i, (key, _) in enumerate(entries) if key == SERVICE_KEY), 0)
+    return (*entries[:at], (CALLER_KEY, caller), *entries[at:])
+
+
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     """``ShouldRateLimit`` over swappable rules and shared counters."""
 
@@ -79,8 +131,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         *,
         limit_headers: bool = False,
         shadow_mode: bool = False,
+        callers: PeerCallers | None = None,
     ) -> None:
         self.counters = counters
+        #: Who each call is counted as; None trusts the descriptors as sent.
+        self.callers = callers
         self._rules = rules or RuleSet()
         self.limit_headers = limit_headers
         #: Service-wide shadow mode: decide and count as usual, never refuse.
@@ -95,6 +150,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._shadowed = Counter(
             "inferlane_rls_shadow_mode_total",
             "Over-limit answers turned into OK by the service-wide shadow mode.",
+            registry=registry,
+        )
+        self._corrected = Counter(
+            "inferlane_rls_descriptors_corrected_total",
+            "Descriptors counted other than sent: a caller that was not the authenticated "
+            "peer (caller), or a limit sent by the client (limit), which is ignored.",
+            ["field"],
             registry=registry,
         )
         self._latency = Histogram(
@@ -126,15 +188,30 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         }
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
+        caller = None
+        if self.callers is not None:
+            caller = self.callers(context)
+            if caller is None:
+                self._requests.labels("unauthenticated").inc()
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the rate-limit service counts callers by their mesh certificate; this "
+                    "one carries no SPIFFE ID of the mesh's trust domain",
+                )
+                raise AssertionError("context.abort returned")
         try:
-            return await self.should_rate_limit(request)
+            return await self.should_rate_limit(request, caller)
         except InvalidRequest as exc:
             self._requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # abort raises; this line is never reached
 
-    async def should_rate_limit(self, request: Any) -> Any:
-        """Answer one ``RateLimitRequest``; raises :class:`InvalidRequest` for a bad one."""
+    async def should_rate_limit(self, request: Any, caller: str | None = None) -> Any:
+        """Answer one ``RateLimitRequest``; raises :class:`InvalidRequest` for a bad one.
+
+        With ``caller`` (the authenticated peer), every descriptor is counted as that
+        caller's and its own ``limit`` is ignored.
+        """
         started = time.perf_counter()
         domain = request.domain
         if not domain:
@@ -142,7 +219,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if not request.descriptors:
             raise InvalidRequest("rate limit descriptor list must not be empty")
         rules = self._rules  # one snapshot for the whole call
-        checks = [self._check(rules, domain, d, request.hits_addend) for d in request.descriptors]
+        checks = [
+            self._check(rules, domain, d, request.hits_addend, caller) for d in request.descriptors
+        ]
         decisions = await self.counters.check(domain, checks)
         response = rls_pb2.RateLimitResponse(statuses=[_status(d) for d in decisions])
         over = any(d.result is Result.OVER_LIMIT for d in decisions)
@@ -156,11 +235,24 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._latency.observe(time.perf_counter() - started)
         return response
 
-    @staticmethod
-    def _check(rules: RuleSet, domain: str, descriptor: Any, request_hits: int) -> Check:
+    def _check(
+        self, rules: RuleSet, domain: str, descriptor: Any, request_hits: int, caller: str | None
+    ) -> Check:
         entries: tuple[Entry, ...] = tuple((e.key, e.value) for e in descriptor.entries)
+        if caller is not None:
+            counted = as_caller(entries, caller)
+            if counted != entries:
+                self._corrected.labels("caller").inc()
+                log.debug("descriptor %s counted as caller %s", entries, caller)
+                entries = counted
+            if descriptor.HasField("limit"):
+                self._corrected.labels("limit").inc()
         rule: Rule | None
-        if descriptor.HasField("limit") and descriptor.limit.unit in _PROTO_TO_UNIT:
+        if (
+            caller is None
+            and descriptor.HasField("limit")
+            and descriptor.limit.unit in _PROTO_TO_UNIT
+        ):
             rule = override_rule(
                 domain,
                 entries,
@@ -220,17 +312,30 @@ def add_rls_servicer(server: Any, service: RateLimitService) -> None:
 
 
 async def start_rls_server(
-    service: RateLimitService, host: str = "127.0.0.1", port: int = DEFAULT_RLS_PORT
+    service: RateLimitService,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_RLS_PORT,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[Any, int]:
     """Start a ``grpc.aio`` server with only the rate-limit service; returns it and its port.
 
-    ``port`` 0 binds any free port. Stop it with ``await server.stop(grace)``.
+    ``port`` 0 binds any free port; ``credentials`` serve TLS (the control plane's require
+    a client certificate from the mesh CA), plaintext without. Stop it with
+    ``await server.stop(grace)``.
     """
     server = grpc.aio.server()
     add_rls_servicer(server, service)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the rate-limit service to {host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # gRPC raises when it cannot bind the port.
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     await server.start()
-    log.info("rate-limit service listening on %s:%d", host, bound)
+    log.info(
+        "rate-limit service listening on %s:%d (%s)",
+        host,
+        bound,
+        "plaintext" if credentials is None else "TLS",
+    )
     return server, bound

@@ -4,12 +4,12 @@ Follows FIELD-NOTES.md: ``ads_config`` with GRPC or DELTA_GRPC and V3,
 ``set_node_on_first_message_only``, LDS and CDS from ADS, and, above all, an xDS cluster
 with HTTP/2 enabled; without it ADS fails silently.
 
-Over TLS (the control plane's port 15012) the proxy verifies the control plane's
-certificate against the mesh root and its DNS SAN against ``server_name``, and
-authenticates itself with a client certificate from the mesh CA or a service-account
-token (audience ``inferlane``) sent as ``authorization: Bearer`` on the ADS stream. The
-token is written into the bootstrap, so a bootstrap made with one must be remade when the
-token is replaced.
+Over TLS the proxy verifies the control plane's certificate against the mesh root and its
+DNS SAN against ``server_name``, and authenticates itself with a client certificate from
+the mesh CA (the mutual-TLS port, 15011) or a service-account token (audience
+``inferlane``) sent as ``authorization: Bearer`` on the ADS stream (the TLS port, 15012).
+The token is written into the bootstrap, so a bootstrap made with one must be remade when
+the token is replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from mtls.tls_context import CONTROL_PLANE_NAME
 
 XDS_CLUSTER = "xds-grpc"
 _TYPE = "type.googleapis.com/"
@@ -40,7 +42,7 @@ class TlsSettings:
     cert_file: str = ""
     key_file: str = ""
     #: SNI, and the DNS SAN the control plane's certificate must carry.
-    server_name: str = "inferlane"
+    server_name: str = CONTROL_PLANE_NAME
     #: A Kubernetes service-account token for audience ``inferlane``.
     token: str = ""
 

@@ -22,6 +22,13 @@ ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside a ``List``) 
 - Istio's Prometheus port, 15090: ``/stats/prometheus`` from the admin interface (which
   itself stays on 127.0.0.1), so the request stats per class can be scraped.
 
+Next to each injected workload comes a NetworkPolicy (unless ``network_policy`` is off)
+that admits other pods only on the sidecar's inbound port (15006), and the control plane's
+pods on the workload's own container ports, where model servers serve the ``/metrics``
+the adaptive limits read. The sidecar forwards to its workload over loopback, inside the
+pod, which no policy restricts: with a CNI that enforces NetworkPolicies, nothing reaches
+the workload without passing the sidecar's mTLS, caller check and limits.
+
 Documents without a Pod template are copied byte for byte. Documents with one are
 re-serialised (comments inside them are not kept). A template that has the sidecar
 already, opts out with the annotation ``inferlane.io/inject: "false"``, or uses the host
@@ -44,7 +51,9 @@ import yaml
 from cryptography import x509
 
 from mesh.model import SIDECAR_CONTAINER
+from mesh.proxy import DEFAULT_INBOUND_PORT
 from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
+from mtls.tls_context import CONTROL_PLANE_NAME
 from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
@@ -57,7 +66,8 @@ SIDECAR_NAME = SIDECAR_CONTAINER
 ENVOY_UID = 101
 #: Istio's admin port; bound to 127.0.0.1 only.
 ADMIN_PORT = 15000
-INBOUND_PORT = 15006
+#: The inbound listener's port: the node metadata leaves it at the default.
+INBOUND_PORT = DEFAULT_INBOUND_PORT
 #: Istio's port for the sidecar's Prometheus stats, reachable from outside the pod.
 PROMETHEUS_PORT = 15090
 PROMETHEUS_CLUSTER = "prometheus_stats"
@@ -72,7 +82,7 @@ DEFAULT_XDS_HOST = "inferlane.inferlane.svc"
 DEFAULT_XDS_PORT = 15012
 #: The name checked in the control plane's serving certificate, whatever address is
 #: dialled: every replica's certificate carries it (as ``inferlane bootstrap`` expects).
-DEFAULT_SERVER_NAME = "inferlane"
+DEFAULT_SERVER_NAME = CONTROL_PLANE_NAME
 
 CA_VOLUME = CONFIGMAP_NAME
 CA_DIR = "/var/run/secrets/inferlane-ca"
@@ -86,6 +96,16 @@ TOKEN_EXPIRATION_S = 43200
 
 #: ``"false"`` on a Pod template keeps it out of the mesh.
 INJECT_ANNOTATION = "inferlane.io/inject"
+
+#: Labels every control-plane pod of the chart carries, whatever the release is called.
+CONTROL_PLANE_LABELS: Mapping[str, str] = {
+    "app.kubernetes.io/part-of": "inferlane",
+    "app.kubernetes.io/component": "controlplane",
+}
+#: The label Kubernetes (1.21+) puts on every namespace: its name.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+#: Kinds whose ``spec.selector`` is a LabelSelector selecting exactly their pods.
+_SELECTOR_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"})
 
 #: The node ID as Kubernetes expands it from the container's environment.
 NODE_ID = "sidecar~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.{domain}"
@@ -134,6 +154,18 @@ class InjectOptions:
     #: Envoy worker threads; without it Envoy starts one per core of the node.
     concurrency: int = 2
     log_level: str = "warning"
+    #: Emit a NetworkPolicy per injected workload (see the module docstring).
+    network_policy: bool = True
+    #: The control plane's namespace, admitted to the workloads' own ports. Default: the
+    #: namespace of ``xds_host`` when it is a Service name (``NAME.NAMESPACE.svc...``).
+    control_plane_namespace: str = ""
+
+    @property
+    def control_plane_ns(self) -> str:
+        if self.control_plane_namespace:
+            return self.control_plane_namespace
+        parts = self.xds_host.split(".")
+        return parts[1] if len(parts) >= 3 and parts[2] == "svc" else "inferlane"
 
 
 @dataclass(frozen=True)
@@ -145,6 +177,8 @@ class InjectResult:
     injected: tuple[str, ...] = ()
     #: Templates left alone, with the reason.
     skipped: tuple[str, ...] = ()
+    #: Injected workloads that got no NetworkPolicy, with the reason.
+    unprotected: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
 
 
@@ -339,6 +373,95 @@ def added_volumes(opts: InjectOptions) -> list[dict[str, Any]]:
     return [token_volume(), *([ca_volume()] if opts.ca_pem is None else [])]
 
 
+# --- the NetworkPolicy ------------------------------------------------------------------
+
+
+def _field(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _pod_selector(obj: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+    """A LabelSelector for exactly the workload's pods; {} when there is none."""
+    kind = obj.get("kind")
+    selector = _field(obj, "spec").get("selector")
+    if kind in _SELECTOR_KINDS and isinstance(selector, Mapping):
+        return {k: copy.deepcopy(v) for k, v in selector.items() if v}
+    if kind == "ReplicationController" and isinstance(selector, Mapping) and selector:
+        return {"matchLabels": dict(selector)}
+    labels = _field(template, "metadata").get("labels")
+    if isinstance(labels, Mapping) and labels:
+        return {"matchLabels": {str(k): str(v) for k, v in labels.items()}}
+    name = _field(obj, "metadata").get("name") if kind == "Job" else None
+    # Kubernetes labels a Job's pods with the Job's name.
+    return {"matchLabels": {"batch.kubernetes.io/job-name": str(name)}} if name else {}
+
+
+def _workload_ports(template: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ports the workload's own containers declare (the sidecar's are not among them)."""
+    found: dict[tuple[str, int], None] = {}
+    for container in template["spec"]["containers"]:
+        for port in container.get("ports") or ():
+            number = port.get("containerPort") if isinstance(port, Mapping) else None
+            if isinstance(number, int) and not isinstance(number, bool):
+                found[(str(port.get("protocol") or "TCP"), number)] = None
+    return [{"protocol": protocol, "port": number} for protocol, number in found]
+
+
+def network_policy(
+    obj: Mapping[str, Any], template: Mapping[str, Any], opts: InjectOptions
+) -> dict[str, Any] | str:
+    """The NetworkPolicy of one injected workload, or why it gets none.
+
+    It admits anyone on the sidecar's inbound port and its Prometheus stats port (which
+    serves ``/stats/prometheus`` only), and the control plane's pods on the
+    workload's own ports (all of them when its containers declare none). Traffic from the
+    pod's own node (the kubelet's probes) is always admitted by Kubernetes' rules.
+    """
+    meta = _field(obj, "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return "it has no name to name a NetworkPolicy after"
+    selector = _pod_selector(obj, template)
+    if not selector:
+        return "its pods carry no labels to select them by"
+    control_plane: dict[str, Any] = {
+        "from": [
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: opts.control_plane_ns}},
+                "podSelector": {"matchLabels": dict(CONTROL_PLANE_LABELS)},
+            }
+        ]
+    }
+    ports = _workload_ports(template)
+    if ports:
+        control_plane["ports"] = ports
+    metadata: dict[str, Any] = {
+        "name": f"{name[: 253 - len('-inferlane')]}-inferlane",
+        "labels": {"app.kubernetes.io/managed-by": "inferlane"},
+    }
+    if meta.get("namespace"):
+        metadata["namespace"] = str(meta["namespace"])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {
+            "podSelector": selector,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "ports": [
+                        {"protocol": "TCP", "port": INBOUND_PORT},
+                        {"protocol": "TCP", "port": PROMETHEUS_PORT},
+                    ]
+                },
+                control_plane,
+            ],
+        },
+    }
+
+
 # --- Pod templates ----------------------------------------------------------------------
 
 
@@ -421,6 +544,8 @@ class _Outcome:
     changed: bool = False
     injected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    unprotected: list[str] = field(default_factory=list)
 
 
 def _inject_object(
@@ -445,9 +570,16 @@ def _inject_object(
     reason = inject_template(template, opts, f"{where} ({described})")
     if reason:
         out.skipped.append(f"{described}: {reason}")
+        return
+    out.changed = True
+    out.injected.append(described)
+    if not opts.network_policy:
+        return
+    policy = network_policy(obj, template, opts)
+    if isinstance(policy, str):
+        out.unprotected.append(f"{described}: {policy}")
     else:
-        out.changed = True
-        out.injected.append(described)
+        out.policies.append(policy)
 
 
 # --- YAML streams -----------------------------------------------------------------------
@@ -518,12 +650,14 @@ def _inject_chunk(chunk: _Chunk, number: int, opts: InjectOptions, out: _Outcome
     _inject_object(updated, opts, where, local)
     out.injected.extend(local.injected)
     out.skipped.extend(local.skipped)
+    out.unprotected.extend(local.unprotected)
     if not local.changed:
         return source
     text = _dump(updated)
     if chunk.separator:
         text = "---\n" + text
-    return text
+    # Each workload's NetworkPolicy follows it, as a document of its own.
+    return text + "".join("---\n" + _dump(policy) for policy in local.policies)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -547,7 +681,9 @@ def inject_text(text: str, opts: InjectOptions) -> InjectResult:
     if errors:
         return InjectResult(errors=tuple(errors))
     joined = "".join(parts)
-    return InjectResult(joined, tuple(out.injected), tuple(out.skipped))
+    return InjectResult(
+        joined, tuple(out.injected), tuple(out.skipped), unprotected=tuple(out.unprotected)
+    )
 
 
 # --- options and the command line -------------------------------------------------------

@@ -85,3 +85,18 @@ helm.sh/chart: {{ include "inferlane.chart" . }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Refuse settings that cannot work, saying what to do instead. Included by the Deployment.
+*/}}
+{{- define "inferlane.checks" -}}
+{{- $limits := .Values.globalRateLimit -}}
+{{- if and $limits.enabled (gt (int .Values.replicaCount) 1) (not (or $limits.redis.url $limits.redis.existingSecret)) -}}
+{{- fail (printf "globalRateLimit.enabled with replicaCount %d needs Redis (globalRateLimit.redis.url or globalRateLimit.redis.existingSecret): counters kept in each replica would each allow the whole limit. Give a Redis, or set replicaCount to 1." (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where sidecars reach the global rate-limit service: by default this chart's Service. */}}
+{{- define "inferlane.rlsAddress" -}}
+{{- default (printf "%s.%s.svc" (include "inferlane.fullname" .) (include "inferlane.namespace" .)) .Values.globalRateLimit.address -}}
+{{- end -}}
