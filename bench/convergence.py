@@ -194,7 +194,7 @@ async def envoy_scenario(world: World, n: int, changes: int) -> Result:
 async def synthetic_scenario(world: World, n: int, changes: int, rate: float) -> Result:
     async with control_plane(world) as (cache, xds, port):
         node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
-        snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
+        snap = await cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
         names = {
             xds_types.ENDPOINT: sorted(snap.of_type(xds_types.ENDPOINT)),
             xds_types.ROUTE: sorted(snap.of_type(xds_types.ROUTE)),

@@ -157,6 +157,6 @@ class DeltaConversation(RuleBasedStateMachine):
 
 
 DeltaConversation.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None
+    max_examples=300, stateful_step_count=40, deadline=None
 )
 test_delta_conversations = DeltaConversation.TestCase

@@ -211,7 +211,7 @@ def _world(pods: dict[str, str]) -> World:
     return World(services=(svc,), workloads=MappingProxyType(workloads))
 
 
-def test_generator_serves_own_secrets_and_keys_on_the_certificate(
+def test_generator_serves_own_secrets_and_keys_on_the_identity(
     ca: CertificateAuthority,
 ) -> None:
     store = SecretStore(ca, TD)
@@ -230,10 +230,13 @@ def test_generator_serves_own_secrets_and_keys_on_the_certificate(
     assert xds.SECRET not in generator.generate(stranger)
     assert generator.key(stranger) != generator.key(one)
 
-    # A rotation is a new generation with the same routing: only the key's serial moves.
+    # A rotation is a new generation with the same routing and a new certificate. Keys
+    # hold within one generation (the cache memoizes per generation), so the key does not
+    # name the certificate, and computing it never signs.
     store.rotate_all()
     after = MeshGenerator(world, sidecars, store, previous=generator)
-    assert after.key(one) != generator.key(one)
+    issued = store.issued
+    assert after.key(one) == generator.key(one) and store.issued == issued
     again = after.generate(one)
     for type_url in (xds.CLUSTER, xds.LISTENER, xds.ROUTE, xds.ENDPOINT):
         assert again[type_url] is resources[type_url]

@@ -269,11 +269,16 @@ class StreamState:
         first = not st.subscribed
         nonce: str = req.response_nonce
         if self.delta:
-            # Delta subscriptions are incremental: a change is never dropped with its nonce.
+            # The answer first: the client processed that response before it changed its
+            # subscription. Then the change, which is never dropped with a stale nonce
+            # (Delta subscriptions are incremental).
+            result = (
+                RequestResult(type_url, Outcome.SUBSCRIBE)
+                if first or not nonce
+                else self._delta_answer(st, nonce, req)
+            )
             self._delta_subscription(st, req)
-            if first or not nonce:
-                return RequestResult(type_url, Outcome.SUBSCRIBE)
-            return self._delta_answer(st, nonce, req)
+            return result
         stale = bool(nonce) and not first and nonce != st.nonce
         if not stale:
             self._sotw_subscription(st, req)
@@ -475,7 +480,12 @@ class StreamState:
         """What to hold for this type now, as a view (shared when nothing is held back)."""
         desired: dict[str, Resource] = view.resources
         if unconverged and not unconverged.isdisjoint(xds.PUSH_ORDER[index + 1 :]):
-            kept = {n: r for n, r in st.acked.items() if n not in desired and st.wants(n)}
+            # Defer removals not sent yet; one already on its way is not taken back.
+            kept = {
+                n: r
+                for n, r in st.sent.items()
+                if n not in desired and n in st.acked and st.wants(n)
+            }
             if kept:
                 desired = {**desired, **kept}
         if st.type_url == xds.ROUTE:
