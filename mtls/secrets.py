@@ -133,24 +133,24 @@ class SecretStore:
             ],
         }
 
-    def rotate_all(self) -> int:
-        """Replace every certificate: each is issued afresh when the next generation asks
-        for it (off the event loop). How many there were. It signs nothing, but waits for
-        a renewal pass in progress on another thread."""
+    def renew(self, identities: Collection[Identity]) -> list[Identity]:
+        """Re-issue the certificates of ``identities`` now (those the store serves).
+
+        Signs: call it off the event loop (:meth:`rotate_all` does).
+        """
         with self._lock:
-            count = len(self._bundles)
-            for identity in list(self._bundles):
+            renewed = [i for i in identities if i in self._bundles]
+            for identity in renewed:
                 self._certs.forget(*identity)
-                del self._bundles[identity]
-        if count:
-            self.on_change()
-        return count
+                self._refresh(identity)
+            self.renewed += len(renewed)
+        return renewed
 
     def renew_due(self, in_use: Collection[Identity] | None = None) -> list[Identity]:
         """Renew the certificates that are due; drop those of identities not in use.
 
-        Signs: call it off the event loop (:meth:`run` does). It does not call
-        ``on_change``, which belongs to the event loop; :meth:`run` does.
+        Signs: call it off the event loop (:meth:`run` does). Neither this nor
+        :meth:`renew` calls ``on_change``, which belongs to the event loop.
         """
         with self._lock:
             if in_use is not None:
@@ -163,9 +163,26 @@ class SecretStore:
             self.renewed += len(renewed)
         return renewed
 
+    async def _renewal_pass(
+        self, renew: Callable[[Collection[Identity]], list[Identity]], which: Collection[Identity]
+    ) -> list[Identity]:
+        """One pass on the executor (or inline without one), then ``on_change`` here."""
+        if self.executor is None:
+            renewed = renew(which)
+        else:
+            renewed = await asyncio.get_running_loop().run_in_executor(self.executor, renew, which)
+        if renewed:
+            self.on_change()
+        return renewed
+
+    async def rotate_all(self) -> int:
+        """Replace every certificate now, in one renewal pass off the event loop; how many
+        were replaced. Proxies get the new ones with the next generation."""
+        return len(await self._renewal_pass(self.renew, self.identities()))
+
     async def run(self, in_use: Callable[[], Collection[Identity]]) -> None:
         """Renew certificates as they fall due, until cancelled."""
-        loop = self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wake.clear()
@@ -181,12 +198,7 @@ class SecretStore:
                 due = self._certs.next_renewal()
                 if due is None or due > utcnow():
                     continue
-                using = in_use()  # read on the loop, where the connections live
-                if self.executor is None:
-                    renewed = self.renew_due(using)
-                else:
-                    renewed = await loop.run_in_executor(self.executor, self.renew_due, using)
-                if renewed:
-                    self.on_change()
+                # in_use() reads the connections: here, on the loop.
+                await self._renewal_pass(self.renew_due, in_use())
         finally:
             self._loop = None

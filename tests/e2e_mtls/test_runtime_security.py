@@ -142,7 +142,7 @@ def _leaf(bundle_secrets: Any) -> x509.Certificate:
     return x509.load_pem_x509_certificates(pem)[0]
 
 
-def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) -> None:
+async def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) -> None:
     store = SecretStore(ca, TD)
     changes: list[int] = []
     store.on_change = lambda: changes.append(1)
@@ -155,7 +155,7 @@ def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) ->
         ("default", "chat"),
         ("default", "llama"),
     ]
-    assert store.rotate_all() == 2 and changes == [1]
+    assert await store.rotate_all() == 2 and changes == [1]
     assert store.bundle(Identity("default", "llama")).serial != first.serial
 
 
@@ -211,7 +211,7 @@ def _world(pods: dict[str, str]) -> World:
     return World(services=(svc,), workloads=MappingProxyType(workloads))
 
 
-def test_generator_serves_own_secrets_and_keys_on_the_identity(
+async def test_generator_serves_own_secrets_and_keys_on_the_identity(
     ca: CertificateAuthority,
 ) -> None:
     store = SecretStore(ca, TD)
@@ -233,7 +233,7 @@ def test_generator_serves_own_secrets_and_keys_on_the_identity(
     # A rotation is a new generation with the same routing and a new certificate. Keys
     # hold within one generation (the cache memoizes per generation), so the key does not
     # name the certificate, and computing it never signs.
-    store.rotate_all()
+    await store.rotate_all()
     after = MeshGenerator(world, sidecars, store, previous=generator)
     issued = store.issued
     assert after.key(one) == generator.key(one) and store.issued == issued
