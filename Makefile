@@ -26,6 +26,7 @@ bench: venv
 	$(BIN)/python -m bench.convergence
 	$(BIN)/python -m bench.priority
 	$(BIN)/python -m bench.certs
+	$(BIN)/python -m bench.rotation
 	$(BIN)/python -m bench.rls
 
 demo: venv

@@ -32,7 +32,7 @@ from tests.e2e.harness import (
     write_manifests,
 )
 from tests.support.backends import echo_server
-from tests.support.envoy import require_envoy, running_envoy
+from tests.support.envoy import Envoy, require_envoy, running_envoy
 from tests.support.wait import eventually
 from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap
 
@@ -120,6 +120,25 @@ async def serving(manifests: Path, xds_port: int, workdir: Path) -> AsyncIterato
         await proc.wait()
 
 
+async def served_sidecar(
+    stack: contextlib.AsyncExitStack,
+    session: aiohttp.ClientSession,
+    manifests: Path,
+    workdir: Path,
+    client_ip: str,
+    *,
+    delta: bool,
+) -> tuple[Serve, Envoy, Client, str]:
+    """``inferlane serve`` on any free port and a sidecar Envoy at ``client_ip`` subscribed
+    to it: (the server, the Envoy, a client of its outbound listener, its node ID)."""
+    serve = await stack.enter_async_context(serving(manifests, 0, workdir))
+    node_id, metadata, outbound = sidecar(client_ip, "app-0")
+    envoy = await stack.enter_async_context(
+        running_envoy(node_id, serve.ports["xds"], delta=delta, metadata=metadata)
+    )
+    return serve, envoy, Client(session, client_ip, outbound), node_id
+
+
 class Steady:
     """Requests back to back through the sidecar, counting every one that fails."""
 
@@ -195,13 +214,10 @@ async def test_restart_sends_nothing_and_drops_nothing(
             ],
         )
         session = await stack.enter_async_context(http_session())
-        first = await stack.enter_async_context(serving(manifests, 0, tmp_path))
-        xds_port = first.ports["xds"]
-        node_id, metadata, outbound = sidecar(client_ip, "app-0")
-        envoy = await stack.enter_async_context(
-            running_envoy(node_id, xds_port, delta=delta, metadata=metadata)
+        first, envoy, client, node_id = await served_sidecar(
+            stack, session, manifests, tmp_path, client_ip, delta=delta
         )
-        client = Client(session, client_ip, outbound)
+        xds_port = first.ports["xds"]
         await client.wait_served_by(LLAMA, ["gpu-0"])
         before = await envoy_versions(envoy)
         assert len(before) == 4 + 2 * 3  # 2 listeners, 2 routes, 3 clusters + 3 assignments
@@ -274,13 +290,10 @@ async def test_delta_envoy_drops_what_was_deleted_while_the_control_plane_was_do
         ]
         write_manifests(manifests / "mesh.yaml", [*kept, *deleted])
         session = await stack.enter_async_context(http_session())
-        first = await stack.enter_async_context(serving(manifests, 0, tmp_path))
-        xds_port = first.ports["xds"]
-        node_id, metadata, outbound = sidecar(client_ip, "app-0")
-        envoy = await stack.enter_async_context(
-            running_envoy(node_id, xds_port, delta=True, metadata=metadata)
+        first, envoy, client, node_id = await served_sidecar(
+            stack, session, manifests, tmp_path, client_ip, delta=True
         )
-        client = Client(session, client_ip, outbound)
+        xds_port = first.ports["xds"]
         await client.wait_served_by(LLAMA, ["gpu-0"])
         await client.wait_served_by("embedder.default.svc.cluster.local:8000", ["embed-0"])
 
