@@ -131,6 +131,8 @@ class ConfigCache:
             return found
         if found is None:
             found = asyncio.ensure_future(self._build(generator, generation, proxy))
+            # Its failure is read by whoever waits; should every waiter have gone, here.
+            found.add_done_callback(lambda f: f.cancelled() or f.exception())
             memo[key] = found
         try:
             # Shielded: a stream that goes away does not cancel a build others wait for.

@@ -43,7 +43,7 @@ from xds_server.ads.cache import ConfigCache, GenerationError
 from xds_server.ads.debounce import PushRequest
 from xds_server.ads.metrics import XdsMetrics
 from xds_server.ads.pushqueue import PushQueue
-from xds_server.ads.stream import Outcome, ProtocolError, StreamLimits, StreamState
+from xds_server.ads.stream import Outcome, Outgoing, ProtocolError, StreamLimits, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,11 @@ class ServerSettings:
     max_queued_requests: int = 64
     #: The same bound in bytes (a request larger than this is still taken, alone).
     max_queued_request_bytes: int = 4 * 1024 * 1024
-    #: Seconds one response may take to be written, that is, for the client to read it.
-    #: Past it the stream is closed (the proxy reconnects), since a client that stops
-    #: reading would otherwise hold one of the push slots forever. Envoy reads a large
-    #: push in well under a second; 30 s leaves room for a busy proxy on a slow link.
+    #: Seconds the responses due at once (a push) may take to be written, that is, for the
+    #: client to read them. Past it the stream is closed (the proxy reconnects), since a
+    #: client that stops reading would otherwise hold one of the push slots forever. Envoy
+    #: reads a large push in well under a second; 30 s leaves room for a busy proxy on a
+    #: slow link.
     write_timeout: float = 30.0
     #: What one client may make its stream's protocol state hold.
     limits: StreamLimits = field(default_factory=StreamLimits)
@@ -494,23 +495,31 @@ class XdsServer:
             m.stale.inc()
 
     async def _write(self, context: grpc.aio.ServicerContext, conn: Connection) -> None:
-        for out in conn.state.responses():
-            try:
-                async with asyncio.timeout(self.settings.write_timeout):
+        responses = conn.state.responses()
+        if not responses:
+            return
+        try:
+            # One deadline for what is due now (a timer per response costs a 10,000-stream
+            # push a tenth of a second).
+            async with asyncio.timeout(self.settings.write_timeout):
+                for out in responses:
                     await context.write(out.payload)
-            except TimeoutError:
-                self._end_stalled(context, conn)
-            m = self.metrics.of(out.type_url)
-            m.pushes.inc()
-            m.push_bytes.inc(len(out.payload))
-            m.resources_sent.inc(out.resources)
-            log.debug(
-                "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
-                conn.id,
-                conn.proxy.node_id,
-                xds.short(out.type_url),
-                out.version,
-                out.nonce,
-                out.resources,
-                out.removed,
-            )
+                    self._count_sent(conn, out)
+        except TimeoutError:
+            self._end_stalled(context, conn)
+
+    def _count_sent(self, conn: Connection, out: Outgoing) -> None:
+        m = self.metrics.of(out.type_url)
+        m.pushes.inc()
+        m.push_bytes.inc(len(out.payload))
+        m.resources_sent.inc(out.resources)
+        log.debug(
+            "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
+            conn.id,
+            conn.proxy.node_id,
+            xds.short(out.type_url),
+            out.version,
+            out.nonce,
+            out.resources,
+            out.removed,
+        )
