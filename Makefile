@@ -27,6 +27,7 @@ bench: venv
 	$(BIN)/python -m bench.tls
 	$(BIN)/python -m bench.priority
 	$(BIN)/python -m bench.certs
+	$(BIN)/python -m bench.rotation
 	$(BIN)/python -m bench.rls
 
 demo: venv

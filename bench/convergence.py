@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from types import MappingProxyType
 import grpc
 
 from bench.envoy import Envoy
+from bench.load import percentile
 from bench.wait import eventually
 from mesh import xds as xds_types
 from mesh.manifests import load_world
@@ -58,14 +60,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def changed_world(world: World, step: int) -> World:
@@ -223,7 +217,7 @@ async def synthetic_scenario(
     changes."""
     async with plane(world) as (cache, xds, port):
         node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
-        snap = cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
+        snap = await cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
         names = {
             xds_types.ENDPOINT: sorted(snap.of_type(xds_types.ENDPOINT)),
             xds_types.ROUTE: sorted(snap.of_type(xds_types.ROUTE)),
@@ -302,7 +296,7 @@ def _result(
         proxies=n,
         changes=changes,
         p50_ms=statistics.median(samples) * 1000,
-        p99_ms=percentile(samples, 99) * 1000,
+        p99_ms=(percentile(samples, 99) or math.nan) * 1000,
         slowest_all_acked_ms=max(slowest) * 1000,
         connect_s=connect_s,
         rss_per_stream_kb=per_stream_kb,

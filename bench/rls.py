@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import shutil
@@ -33,6 +34,7 @@ import grpc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from bench.load import percentile
 from mesh.model import InferenceService, Priority, ServiceConfig, World
 from ratelimit.counters import Counters, InMemoryCounters, RedisCounters
 from ratelimit.rules import rules_from_world
@@ -56,11 +58,10 @@ class Result:
     def rate(self) -> float:
         return self.calls / self.seconds if self.seconds > 0 else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_s:
-            return float("nan")
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    def latency_ms(self, pct: float) -> float:
+        """The nearest-rank ``pct`` percentile of the call latencies, in milliseconds."""
+        found = percentile(self.latencies_s, pct)
+        return math.nan if found is None else found * 1e3
 
 
 def _world() -> World:
@@ -215,8 +216,8 @@ def print_table(results: Sequence[Result], out: TextIO) -> None:
         over = r.over_limit / r.calls if r.calls else 0.0
         print(
             f"{r.backend:<8} {r.concurrency:>9} {r.calls:>8} {r.rate:>12.0f}"
-            f" {r.percentile(0.5) * 1e3:>8.2f}"
-            f" {r.percentile(0.99) * 1e3:>8.2f} {over:>10.0%} {r.errors:>7}",
+            f" {r.latency_ms(50):>8.2f}"
+            f" {r.latency_ms(99):>8.2f} {over:>10.0%} {r.errors:>7}",
             file=out,
         )
 

@@ -1,4 +1,5 @@
-"""How long rotating every proxy's certificate takes, until every proxy has ACKed it.
+"""How long rotating every proxy's certificate takes, until every proxy has ACKed it, and
+how late the event loop runs meanwhile.
 
 The control plane runs in this process on a fixed world: ``--streams`` pods in namespace
 ``bench``, spread over ``--identities`` service accounts, and one inference Service. A
@@ -7,11 +8,18 @@ World ADS streams that behave like Envoy sidecars: CDS and LDS by wildcard, EDS 
 name, SDS for ``default`` and ``ROOTCA``, and an ACK for every response. Streams are opened
 in a staggered way, as in ``bench/synthetic.py``.
 
-Each round replaces every certificate at once (``SecretStore.rotate_all``: one new
-certificate per identity, issued as the next generation is computed) and measures until
-every stream has ACKed an SDS version it did not hold before. That covers the debounce,
-the certificates, the per-identity snapshots, the pushes and the ACKs. The proxies' other
-resources are unchanged, so only SDS is sent.
+Each round replaces every certificate at once (``SecretStore.rotate_all``: one renewal
+pass that signs a new certificate per identity) and measures until every stream has ACKed
+an SDS version it did not hold before. That covers the signing, the debounce, the
+per-identity snapshots, the pushes and the ACKs. The proxies' other resources are
+unchanged, so only SDS is sent.
+
+Meanwhile a probe task sleeps 1 ms at a time and records how late it wakes: the event
+loop's lag, which every other stream's ACKs, every health check and every admin request
+wait as well. Each ``--modes`` entry runs the whole benchmark with its own control plane:
+``worker`` signs, translates and serializes on the control plane's worker thread (the
+default), ``loop`` does it all on the event loop (as before that thread existed), so the
+two are compared side by side in one run.
 
     python -m bench.rotation --streams 1000 --identities 1000 --rounds 5
 
@@ -36,6 +44,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from bench.load import percentile
 from mesh import xds
 from mesh.model import (
     PRIORITIES,
@@ -215,16 +224,46 @@ async def _all_have_secrets(plane: ControlPlane, streams: int, within_s: float) 
         await asyncio.sleep(0.05)
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
+class LoopLag:
+    """How late the event loop wakes a task that sleeps ``interval`` seconds, recorded
+    while ``recording`` is set. While the loop runs something else (signing, translating,
+    serializing), everything it serves waits that long."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.recording = False
+        self.samples: list[float] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self.interval)
+            if self.recording:
+                self.samples.append(loop.time() - started - self.interval)
+
+    def summary(self) -> dict[str, float]:
+        ms = [s * 1000 for s in self.samples]
+        return {
+            "lag_p50_ms": round(percentile(ms, 50) or 0.0, 2),
+            "lag_p99_ms": round(percentile(ms, 99) or 0.0, 2),
+            "lag_max_ms": round(max(ms, default=0.0), 2),
+        }
+
+
+async def measure(args: argparse.Namespace, worker_thread: bool) -> dict[str, Any]:
     settings = ServeSettings(
         host="127.0.0.1",
         xds_port=0,
         admin_port=0,
         debounce=DebounceSettings(quiet=args.debounce_quiet, max_delay=args.debounce_max),
         shutdown_grace=0.2,
+        worker_thread=worker_thread,
     )
     plane = ControlPlane(settings, StaticSource(bench_world(args.streams, args.identities)))
     serving = asyncio.create_task(plane.run(), name="control-plane")
+    lag = LoopLag()
+    probe = asyncio.create_task(lag.run(), name="loop-lag-probe")
     client: asyncio.subprocess.Process | None = None
     try:
         while not plane.started.is_set():
@@ -253,31 +292,25 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         assert plane.secrets is not None
         tracker = AckTracker(plane, args.streams)
         rounds: list[float] = []
-        issue_rates: list[float] = []
         for _ in range(args.rounds):
             await asyncio.sleep(args.pause)
             tracker.start()
-            issued = plane.secrets.issued
             began = time.monotonic()
-            plane.secrets.rotate_all()
+            lag.recording = True
+            await plane.secrets.rotate_all()
             await asyncio.wait_for(tracker.all_acked.wait(), timeout=args.round_timeout)
-            took = time.monotonic() - began
-            rounds.append(took)
-            issue_rates.append((plane.secrets.issued - issued) / took)
+            lag.recording = False
+            rounds.append(time.monotonic() - began)
         return {
-            "bench": "rotation",
-            "streams": args.streams,
-            "identities": args.identities,
-            "debounce_quiet_s": args.debounce_quiet,
+            "mode": "worker" if worker_thread else "loop",
             "connect_s": round(connect_s, 3),
             "rounds_s": [round(r, 3) for r in rounds],
             "median_s": round(statistics.median(rounds), 3),
             "max_s": round(max(rounds), 3),
-            "certificates_per_round": args.identities,
-            "goal_s": 5.0,
-            "met_goal": max(rounds) < 5.0,
+            **lag.summary(),
         }
     finally:
+        probe.cancel()
         if client is not None:
             if client.stdin is not None:
                 client.stdin.close()
@@ -291,6 +324,26 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await serving
 
 
+async def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Every mode in turn, on the same world and clients; the ratio of lag p99 between
+    the loop and the worker, when both ran."""
+    modes = {m: await measure(args, worker_thread=m == "worker") for m in args.modes}
+    result: dict[str, Any] = {
+        "bench": "rotation",
+        "streams": args.streams,
+        "identities": args.identities,
+        "certificates_per_round": args.identities,
+        "debounce_quiet_s": args.debounce_quiet,
+        "modes": modes,
+        "goal_s": 5.0,
+        "met_goal": all(m["max_s"] < 5.0 for m in modes.values()),
+    }
+    if {"loop", "worker"} <= modes.keys() and modes["worker"]["lag_p99_ms"] > 0:
+        ratio = modes["loop"]["lag_p99_ms"] / modes["worker"]["lag_p99_ms"]
+        result["lag_p99_loop_over_worker"] = round(ratio, 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
@@ -301,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debounce-max", type=float, default=1.0)
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     parser.add_argument("--round-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--modes",
+        type=lambda text: [m for m in text.split(",") if m],
+        default=["worker", "loop"],
+        help="comma-separated: worker (heavy work on the worker thread), loop (on the loop)",
+    )
     parser.add_argument("--out", type=Path, help="also write the result JSON here")
     clients = parser.add_argument_group("client process")
     clients.add_argument("--clients", action="store_true", help=argparse.SUPPRESS)
@@ -311,7 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.clients:
         asyncio.run(run_clients(args.target, args.streams, args.per_channel, args.rate))
         return
-    result = asyncio.run(measure(args))
+    unknown = set(args.modes) - {"worker", "loop"}
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    result = asyncio.run(compare(args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

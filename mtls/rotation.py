@@ -8,7 +8,9 @@ certificates issued together are not renewed together.
 No I/O and no timers here: the xDS layer asks for :meth:`WorkloadCertificates.current`
 when a proxy subscribes, sleeps until :meth:`WorkloadCertificates.next_renewal`, calls
 :meth:`WorkloadCertificates.renew_due` and pushes the new secrets to the proxies of the
-identities it returns. Single-threaded use (one event loop) is assumed.
+identities it returns. Changes are made by one thread at a time (:class:`mtls.secrets.
+SecretStore` holds its lock around them); :meth:`WorkloadCertificates.next_renewal` reads a
+copy, so the event loop may call it while another thread issues.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class WorkloadCertificates:
 
     def next_renewal(self) -> datetime | None:
         """When the earliest certificate falls due; None when none has been issued."""
-        return min((e.due for e in self._entries.values()), default=None)
+        return min((e.due for e in list(self._entries.values())), default=None)
 
     def renew_due(self) -> list[Identity]:
         """Re-issue every certificate that is due; the identities whose secrets changed."""

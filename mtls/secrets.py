@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Collection
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,7 +42,8 @@ class SecretStore:
     A certificate is issued the first time a generation asks for an identity
     (:meth:`bundle`) and renewed only by :meth:`run`, so every proxy of one generation
     sees the same certificate. Identities no connected proxy uses are dropped at the next
-    renewal instead of being renewed.
+    renewal instead of being renewed. ``executor``: where renewal passes run (None: on
+    the event loop).
     """
 
     def __init__(
@@ -50,13 +53,20 @@ class SecretStore:
         *,
         ttl: timedelta = DEFAULT_WORKLOAD_TTL,
         rng: random.Random | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.ca = ca
         self.trust_domain = trust_domain
         self.ttl = ttl
+        self.executor = executor
         self._certs = WorkloadCertificates(ca, trust_domain, ttl=ttl, rng=rng)
         self._bundles: dict[Identity, SecretBundle] = {}
+        #: Held while the store changes, signing included (so that two threads asking for
+        #: one new identity get one certificate).
+        self._lock = threading.Lock()
         self._wake = asyncio.Event()
+        #: The loop :meth:`run` runs on, woken from whichever thread issued a certificate.
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Called when secrets changed outside a generation (renewals, rotate_all).
         self.on_change: Callable[[], None] = lambda: None
         self.issued = 0
@@ -74,14 +84,24 @@ class SecretStore:
     def bundle(self, identity: Identity) -> SecretBundle:
         """The identity's secrets; a certificate is issued if it has none yet.
 
-        Raises :class:`mtls.ca.BadIdentity` for names that cannot form a SPIFFE ID.
+        Raises :class:`mtls.ca.BadIdentity` for names that cannot form a SPIFFE ID. Signs
+        when the identity has no certificate: call it off the event loop.
         """
         found = self._bundles.get(identity)
         if found is not None:
             return found
-        return self._refresh(identity)
+        with self._lock:
+            found = self._bundles.get(identity)
+            if found is not None:
+                return found
+            found = self._refresh(identity)
+        if self._loop is not None:
+            # A new certificate, maybe due before any other: run() sleeps on the loop.
+            self._loop.call_soon_threadsafe(self._wake.set)
+        return found
 
     def _refresh(self, identity: Identity) -> SecretBundle:
+        """Issue (if due) and record the identity's secrets; the lock is held."""
         issued = self._certs.current(*identity)
         bundle = SecretBundle(
             identity=identity,
@@ -91,11 +111,10 @@ class SecretStore:
         )
         self._bundles[identity] = bundle
         self.issued += 1
-        self._wake.set()
         return bundle
 
     def identities(self) -> list[Identity]:
-        return sorted(self._bundles)
+        return sorted(list(self._bundles))
 
     def describe(self) -> dict[str, Any]:
         """The CA's root and each served identity's certificate (never a key), as data."""
@@ -110,47 +129,76 @@ class SecretStore:
                     "serial": f"{bundle.serial:x}",
                     "not_after": bundle.not_after.isoformat(),
                 }
-                for identity, bundle in sorted(self._bundles.items())
+                for identity, bundle in sorted(list(self._bundles.items()))
             ],
         }
 
-    def rotate_all(self) -> int:
-        """Replace every certificate now (on the next generation); how many there were."""
-        count = len(self._bundles)
-        for identity in list(self._bundles):
-            self._certs.forget(*identity)
-            del self._bundles[identity]
-        if count:
-            self.on_change()
-        return count
+    def renew(self, identities: Collection[Identity]) -> list[Identity]:
+        """Re-issue the certificates of ``identities`` now (those the store serves).
+
+        Signs: call it off the event loop (:meth:`rotate_all` does).
+        """
+        with self._lock:
+            renewed = [i for i in identities if i in self._bundles]
+            for identity in renewed:
+                self._certs.forget(*identity)
+                self._refresh(identity)
+            self.renewed += len(renewed)
+        return renewed
 
     def renew_due(self, in_use: Collection[Identity] | None = None) -> list[Identity]:
-        """Renew the certificates that are due; drop those of identities not in use."""
-        if in_use is not None:
-            for identity in [i for i in self._bundles if i not in in_use]:
-                self._certs.forget(*identity)
-                del self._bundles[identity]
-        renewed = [i for i in self._certs.renew_due() if i in self._bundles]
-        for identity in renewed:
-            self._refresh(identity)
-        self.renewed += len(renewed)
+        """Renew the certificates that are due; drop those of identities not in use.
+
+        Signs: call it off the event loop (:meth:`run` does). Neither this nor
+        :meth:`renew` calls ``on_change``, which belongs to the event loop.
+        """
+        with self._lock:
+            if in_use is not None:
+                for identity in [i for i in self._bundles if i not in in_use]:
+                    self._certs.forget(*identity)
+                    del self._bundles[identity]
+            renewed = [i for i in self._certs.renew_due() if i in self._bundles]
+            for identity in renewed:
+                self._refresh(identity)
+            self.renewed += len(renewed)
+        return renewed
+
+    async def _renewal_pass(
+        self, renew: Callable[[Collection[Identity]], list[Identity]], which: Collection[Identity]
+    ) -> list[Identity]:
+        """One pass on the executor (or inline without one), then ``on_change`` here."""
+        if self.executor is None:
+            renewed = renew(which)
+        else:
+            renewed = await asyncio.get_running_loop().run_in_executor(self.executor, renew, which)
         if renewed:
             self.on_change()
         return renewed
 
+    async def rotate_all(self) -> int:
+        """Replace every certificate now, in one renewal pass off the event loop; how many
+        were replaced. Proxies get the new ones with the next generation."""
+        return len(await self._renewal_pass(self.renew, self.identities()))
+
     async def run(self, in_use: Callable[[], Collection[Identity]]) -> None:
         """Renew certificates as they fall due, until cancelled."""
-        while True:
-            self._wake.clear()
-            due = self._certs.next_renewal()
-            timeout = None
-            if due is not None:
-                timeout = max(self.min_renewal_interval, (due - utcnow()).total_seconds())
-            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
-            # cancellation that arrives as the event is set, and the task would never end.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            due = self._certs.next_renewal()
-            if due is not None and due <= utcnow():
-                self.renew_due(in_use())
+        self._loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._wake.clear()
+                due = self._certs.next_renewal()
+                timeout = None
+                if due is not None:
+                    timeout = max(self.min_renewal_interval, (due - utcnow()).total_seconds())
+                # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the event is set, and the task would never end.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                due = self._certs.next_renewal()
+                if due is None or due > utcnow():
+                    continue
+                # in_use() reads the connections: here, on the loop.
+                await self._renewal_pass(self.renew_due, in_use())
+        finally:
+            self._loop = None

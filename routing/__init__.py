@@ -16,7 +16,7 @@ from mesh import xds
 from mesh.model import PRIORITIES, InferenceService, World
 from mesh.proxy import Proxy
 from routing import clusters, endpoints, listeners, names, proxyless, routes
-from routing.catalog import served_ports, served_services
+from routing.catalog import own_endpoints, served_ports, served_services
 from routing.limits import RateLimitOptions, apply_limits
 from routing.secure import SecurityOptions, secure
 
@@ -44,30 +44,15 @@ def _outbound_clusters(
     return cluster_list, assignments
 
 
-def _serves_pod(proxy: Proxy, endpoint_pod: tuple[str, str] | None, address: str) -> bool:
-    """Whether an endpoint is ``proxy``'s own pod: by pod name, or by IP when the endpoint
-    names no pod (several pods may share an IP in local setups, so the pod wins)."""
-    if endpoint_pod is not None:
-        return endpoint_pod == (proxy.namespace, proxy.pod_name)
-    return address == proxy.ip
-
-
-def _inbound(services: Sequence[InferenceService], proxy: Proxy) -> tuple[list[Any], list[Any]]:
+def _inbound(world: World, proxy: Proxy) -> tuple[list[Any], list[Any]]:
     """(inbound clusters, inbound virtual hosts) for the Services this sidecar's pod serves."""
     cluster_list: list[Any] = []
     vhosts: list[Any] = []
-    for svc in services:
-        for port in served_ports(svc):
-            own = [
-                e for e in svc.endpoints_for(port.port) if _serves_pod(proxy, e.pod_key, e.address)
-            ]
-            if not own:
-                continue
-            own.sort(key=lambda e: (e.address, e.port))
-            cluster_list.append(clusters.inbound_cluster(svc, own[0], proxy))
-            vhosts.append(
-                routes.virtual_host(svc, port, proxy.namespace, routes.inbound_routes(svc, port))
-            )
+    for svc, port, endpoint in own_endpoints(world, proxy):
+        cluster_list.append(clusters.inbound_cluster(svc, endpoint, proxy))
+        vhosts.append(
+            routes.virtual_host(svc, port, proxy.namespace, routes.inbound_routes(svc, port))
+        )
     return cluster_list, vhosts
 
 
@@ -109,7 +94,7 @@ def generate(
             )
         ]
     else:
-        inbound_clusters, inbound_vhosts = _inbound(services, proxy)
+        inbound_clusters, inbound_vhosts = _inbound(world, proxy)
         cluster_list.extend(inbound_clusters)
         listener_list = [listeners.outbound_listener(proxy), listeners.inbound_listener(proxy)]
         route_list = [

@@ -3,8 +3,10 @@
 A Service that names its critical callers (``inferlane.io/critical-callers``) lets only
 those identities get the ``critical`` class. Everyone else's own proxy lowers the class
 to ``standard`` before the request leaves: the critical-header route goes to the standard
-cluster and rewrites the header. (The server's inbound sidecar enforcing the same list
-with a 403 needs mTLS and lives with that work.)
+cluster and rewrites the header. That is the caller's side; the server's side does not
+depend on it: each endpoint's inbound sidecar refuses ``critical`` from a caller not on
+the list with 403 (:mod:`routing.secure`: an RBAC check of the caller's certificate, so it
+needs mTLS).
 
 Gateways are clamped like any other caller, by the gateway's own identity. A gateway
 forwards requests from outside the mesh, whose class header nobody vouches for; and the

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
+from cachetools import LRUCache
+
 import routing
 from mesh import xds
 from mesh.model import World
@@ -20,6 +22,14 @@ from mtls.identity import Identity, workload_identity
 from mtls.secrets import SecretBundle
 from routing.limits import RateLimitOptions, limit_key
 from routing.secure import SecurityOptions
+
+#: Translations the routing memo keeps, least recently used dropped first. One entry per
+#: distinct routing key among the proxies asking: about one per identity and port variant
+#: for client sidecars, one per backend pod. The key is made of what a client sends (its
+#: namespace, service account, ports, bind address), so without a bound a client that
+#: reconnects with ever new metadata would add a full translation each time, kept across
+#: generations. Past the bound, a dropped entry is translated again when next asked.
+MAX_MEMOIZED_TRANSLATIONS = 4096
 
 
 class Secrets(Protocol):
@@ -31,10 +41,13 @@ class Secrets(Protocol):
 class MeshGenerator:
     """One generation: a frozen world plus the sidecars connected when it was built.
 
-    Each identity's secrets are looked up once per generation, so every proxy of one
-    generation sees the same certificate. Routing output is memoized per routing key and
+    Each identity's secrets are looked up once per generation, by :meth:`generate`, so
+    every proxy of one generation sees the same certificate; :meth:`key` never looks them
+    up, so the event loop never waits for a certificate to be signed (the cache runs
+    ``generate`` on its worker thread). Routing output is memoized per routing key and
     shared with the next generation when only secrets changed (same world, same sidecars):
-    a renewal then costs the secrets, not a re-translation.
+    a renewal then costs the secrets, not a re-translation. The memo is bounded
+    (:data:`MAX_MEMOIZED_TRANSLATIONS`).
     """
 
     def __init__(
@@ -46,6 +59,7 @@ class MeshGenerator:
         tls: SecurityOptions | None = None,
         limits: RateLimitOptions | None = None,
         previous: MeshGenerator | None = None,
+        memo_size: int = MAX_MEMOIZED_TRANSLATIONS,
     ) -> None:
         self.world = world
         self.sidecars = dict(sidecars)
@@ -67,8 +81,8 @@ class MeshGenerator:
             and dataclasses.replace(previous.limits, multipliers={})
             == dataclasses.replace(self.limits, multipliers={})
         )
-        self._routing: dict[Hashable, Mapping[str, Sequence[Any]]] = (
-            previous._routing if previous is not None and same_input else {}
+        self._routing: LRUCache[Hashable, Mapping[str, Sequence[Any]]] = (
+            previous._routing if previous is not None and same_input else LRUCache(memo_size)
         )
 
     def identity(self, proxy: Proxy) -> Identity | None:
@@ -111,10 +125,10 @@ class MeshGenerator:
         )
 
     def key(self, proxy: Proxy) -> Hashable:
-        """The routing key, plus the identity and certificate the proxy's secrets carry."""
+        """The routing key, plus the identity whose secrets the proxy gets (one certificate
+        per identity per generation, so the identity stands for its certificate)."""
         identity = self.identity(proxy)
-        serial = self._bundle(identity).serial if identity is not None else None
-        return (self._routing_key(proxy, identity is not None), identity, serial)
+        return (self._routing_key(proxy, identity is not None), identity)
 
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
         identity = self.identity(proxy)

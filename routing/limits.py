@@ -80,7 +80,6 @@ from mesh.model import (
     Endpoint,
     InferenceService,
     Priority,
-    ServicePort,
     World,
 )
 from mesh.proxy import Proxy, ProxyKind
@@ -101,7 +100,7 @@ from ratelimit.local import (
     route_rate_limits,
 )
 from routing import names
-from routing.catalog import served_ports, served_services
+from routing.catalog import own_endpoints, served_ports, served_services
 from routing.listeners import ROUTER_FILTER
 from routing.protos import pack
 
@@ -167,32 +166,6 @@ def endpoint_key(endpoint: Endpoint) -> str:
     if endpoint.pod_name:
         return f"{endpoint.pod_namespace}/{endpoint.pod_name}:{endpoint.port}"
     return f"{endpoint.address}:{endpoint.port}"
-
-
-def _serves_pod(proxy: Proxy, endpoint: Endpoint) -> bool:
-    """Whether ``endpoint`` is ``proxy``'s own pod (as routing picks inbound endpoints)."""
-    if endpoint.pod_key is not None:
-        return endpoint.pod_key == (proxy.namespace, proxy.pod_name)
-    return endpoint.address == proxy.ip
-
-
-def own_endpoints(
-    world: World, proxy: Proxy
-) -> list[tuple[InferenceService, ServicePort, Endpoint]]:
-    """The endpoints ``proxy``'s own pod serves: per Service port, the one its inbound
-    cluster points at (the first by address and port, as :mod:`routing` chooses)."""
-    if proxy.kind is not ProxyKind.SIDECAR or proxy.proxyless:
-        return []
-    out = []
-    for svc in served_services(world):
-        for port in served_ports(svc):
-            own = sorted(
-                (e for e in svc.endpoints_for(port.port) if _serves_pod(proxy, e)),
-                key=lambda e: (e.address, e.port),
-            )
-            if own:
-                out.append((svc, port, own[0]))
-    return out
 
 
 def limit_key(world: World, proxy: Proxy, options: RateLimitOptions) -> Hashable:

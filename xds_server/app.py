@@ -13,6 +13,10 @@ service uses mutual TLS too), and the authorizer every stream passes.
 All long-running parts run as named tasks of one ``asyncio.TaskGroup``: the first failure
 cancels the rest and is re-raised, and shutdown stops the gRPC server with a grace period
 so open streams end cleanly.
+
+The event loop only serves: translating, serializing and signing run on one worker
+thread (``ServeSettings.worker_thread``), shared by the config cache and the secret store,
+so they never run at once and the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,10 @@ class ServeSettings:
     #: The global rate-limit service (its port: ``rls`` in the ports file) and adaptive
     #: limits. By default no service port, as for the TLS xDS port.
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    #: Translate, serialize and sign certificates on one worker thread, so that the event
+    #: loop keeps serving meanwhile (its lag stays at milliseconds while a thousand
+    #: identities rotate: docs/performance.md). False does that work on the event loop.
+    worker_thread: bool = True
 
 
 class ControlPlane:
@@ -106,7 +115,13 @@ class ControlPlane:
         self.kube_api = kube_api
         #: Set up in run() when running against Kubernetes.
         self.root_certs: RootCertPublisher | None = None
-        self.cache = ConfigCache()
+        #: Where heavy work runs (see ``ServeSettings.worker_thread``); shut down by run().
+        self.worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="inferlane-worker")
+            if settings.worker_thread
+            else None
+        )
+        self.cache = ConfigCache(executor=self.worker)
         self.xds = XdsServer(self.cache, settings=settings.server)
         self.world: World | None = None
         self.debouncer = Debouncer(settings.debounce, self._flush)
@@ -225,7 +240,7 @@ class ControlPlane:
             secrets_api=CoreV1Api(api) if api is not None else None,
         )
         log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
-        self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl)
+        self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl, executor=self.worker)
         self.secrets.on_change = lambda: self.debouncer.trigger(PushReason.SECRET)
         tokens = self.tokens
         if tokens is None and api is not None and self.settings.kubernetes:
@@ -258,6 +273,9 @@ class ControlPlane:
         )
         self.xds.add_to(grpc_server)
         async with contextlib.AsyncExitStack() as stack:
+            if self.worker is not None:
+                # Last out: a build still running finishes on its own, unwaited.
+                stack.callback(self.worker.shutdown, wait=False, cancel_futures=True)
             await self._set_up_security(stack)
             assert self.secrets is not None
             # gRPC raises when it cannot bind a port.

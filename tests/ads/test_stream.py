@@ -11,10 +11,9 @@ from mesh import xds
 from tests.ads.helpers import clusters_snapshot, delta, sotw
 from xds_server.ads.snapshot import ResourceInterner
 from xds_server.ads.stream import (
-    MAX_NAME_LENGTH,
-    MAX_NAMES_PER_REQUEST,
     Outcome,
     ProtocolError,
+    StreamLimits,
     StreamState,
     SyncStatus,
 )
@@ -264,10 +263,11 @@ def test_bad_requests_raise_protocol_errors(is_delta: bool) -> None:
     make = delta if is_delta else sotw
     with pytest.raises(ProtocolError, match="unknown type URL"):
         s.on_request(make("type.googleapis.com/not.A.Type"))
+    limits = StreamLimits()
     with pytest.raises(ProtocolError, match="over 10000"):
-        s.on_request(make(C, [str(i) for i in range(MAX_NAMES_PER_REQUEST + 1)]))
+        s.on_request(make(C, [str(i) for i in range(limits.max_names + 1)]))
     with pytest.raises(ProtocolError, match="characters"):
-        s.on_request(make(C, ["x" * (MAX_NAME_LENGTH + 1)]))
+        s.on_request(make(C, ["x" * (limits.max_name_length + 1)]))
 
 
 # -- properties ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ from tests.e2e.harness import (
     write_manifests,
 )
 from tests.support.backends import echo_server
-from tests.support.envoy import require_envoy, running_envoy
+from tests.support.envoy import Envoy, require_envoy, running_envoy
 from tests.support.wait import eventually
 from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap
 
@@ -120,6 +120,25 @@ async def serving(manifests: Path, xds_port: int, workdir: Path) -> AsyncIterato
         await proc.wait()
 
 
+async def served_sidecar(
+    stack: contextlib.AsyncExitStack,
+    session: aiohttp.ClientSession,
+    manifests: Path,
+    workdir: Path,
+    client_ip: str,
+    *,
+    delta: bool,
+) -> tuple[Serve, Envoy, Client, str]:
+    """``inferlane serve`` on any free port and a sidecar Envoy at ``client_ip`` subscribed
+    to it: (the server, the Envoy, a client of its outbound listener, its node ID)."""
+    serve = await stack.enter_async_context(serving(manifests, 0, workdir))
+    node_id, metadata, outbound = sidecar(client_ip, "app-0")
+    envoy = await stack.enter_async_context(
+        running_envoy(node_id, serve.ports["xds"], delta=delta, metadata=metadata)
+    )
+    return serve, envoy, Client(session, client_ip, outbound), node_id
+
+
 class Steady:
     """Requests back to back through the sidecar, counting every one that fails."""
 
@@ -195,13 +214,10 @@ async def test_restart_sends_nothing_and_drops_nothing(
             ],
         )
         session = await stack.enter_async_context(http_session())
-        first = await stack.enter_async_context(serving(manifests, 0, tmp_path))
-        xds_port = first.ports["xds"]
-        node_id, metadata, outbound = sidecar(client_ip, "app-0")
-        envoy = await stack.enter_async_context(
-            running_envoy(node_id, xds_port, delta=delta, metadata=metadata)
+        first, envoy, client, node_id = await served_sidecar(
+            stack, session, manifests, tmp_path, client_ip, delta=delta
         )
-        client = Client(session, client_ip, outbound)
+        xds_port = first.ports["xds"]
         await client.wait_served_by(LLAMA, ["gpu-0"])
         before = await envoy_versions(envoy)
         assert len(before) == 4 + 2 * 3  # 2 listeners, 2 routes, 3 clusters + 3 assignments
@@ -246,3 +262,58 @@ async def _wait_reconnected(session: aiohttp.ClientSession, serve: Serve, node_i
         return current >= 1 and dump["generation"] == current
 
     await eventually(synced, timeout=20, what="the Envoy reconnected and synced")
+
+
+async def test_delta_envoy_drops_what_was_deleted_while_the_control_plane_was_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Delta Envoy reconnects listing what it holds (``initial_resource_versions``). A
+    Service deleted while no control plane ran is in that list and in no world: the
+    restarted server removes its clusters and assignments, and the rest keeps serving."""
+    require_envoy()
+    monkeypatch.setattr(bench.envoy, "bootstrap_yaml", fast_reconnect_bootstrap)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    llama_ip, embedder_ip, client_ip = "127.0.39.1", "127.0.39.2", "127.0.39.10"
+    async with (
+        echo_server("gpu-0", host=llama_ip) as llama,
+        echo_server("embed-0", host=embedder_ip) as embedder,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        kept = [
+            inference_service("llama"),
+            model_pod("gpu-0", app="llama", ip=llama_ip, port=llama.port, gpu=True),
+        ]
+        deleted = [
+            inference_service("embedder"),
+            model_pod("embed-0", app="embedder", ip=embedder_ip, port=embedder.port, gpu=True),
+        ]
+        write_manifests(manifests / "mesh.yaml", [*kept, *deleted])
+        session = await stack.enter_async_context(http_session())
+        first, envoy, client, node_id = await served_sidecar(
+            stack, session, manifests, tmp_path, client_ip, delta=True
+        )
+        xds_port = first.ports["xds"]
+        await client.wait_served_by(LLAMA, ["gpu-0"])
+        await client.wait_served_by("embedder.default.svc.cluster.local:8000", ["embed-0"])
+
+        def of_embedder(held: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
+            return [k for k in held if k[0] in ("cluster", "endpoints") and "embedder" in k[1]]
+
+        assert len(of_embedder(await envoy_versions(envoy))) == 2 * 3  # 3 classes
+
+        first.proc.kill()
+        await first.proc.wait()
+        write_manifests(manifests / "mesh.yaml", kept)  # deleted while nobody watched
+        second = await stack.enter_async_context(serving(manifests, xds_port, tmp_path))
+        await _wait_reconnected(session, second, node_id)
+
+        async def dropped() -> bool:
+            return not of_embedder(await envoy_versions(envoy))
+
+        await eventually(dropped, timeout=10, what="the deleted Service's clusters removed")
+        await client.wait_served_by(LLAMA, ["gpu-0"])
+        held = await envoy_versions(envoy)
+        assert any(kind == "cluster" and "llama" in name for kind, name in held)
+        removed = await second.samples(session, "inferlane_xds_pushes_total")
+        assert removed.get("CDS", 0) >= 1 and removed.get("EDS", 0) >= 1

@@ -13,5 +13,8 @@ def test_rotation_bench_measures_every_round(tmp_path: Path) -> None:
     flags = {"--streams": 20, "--identities": 5, "--rounds": 2, "--pause": 0.05}
     main([*(str(x) for pair in flags.items() for x in pair), "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["streams"] == 20 and len(result["rounds_s"]) == 2
-    assert result["met_goal"] and 0 < result["median_s"] < 5
+    assert result["streams"] == 20 and result["met_goal"]
+    assert set(result["modes"]) == {"worker", "loop"} and result["lag_p99_loop_over_worker"] > 0
+    for mode in result["modes"].values():
+        assert len(mode["rounds_s"]) == 2 and 0 < mode["median_s"] < 5
+        assert 0 <= mode["lag_p50_ms"] <= mode["lag_p99_ms"] <= mode["lag_max_ms"]

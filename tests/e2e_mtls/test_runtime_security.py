@@ -138,7 +138,7 @@ def _leaf(bundle_secrets: Any) -> x509.Certificate:
     return x509.load_pem_x509_certificates(pem)[0]
 
 
-def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) -> None:
+async def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) -> None:
     store = SecretStore(ca, TD)
     changes: list[int] = []
     store.on_change = lambda: changes.append(1)
@@ -151,7 +151,7 @@ def test_one_certificate_per_identity_until_rotated(ca: CertificateAuthority) ->
         ("default", "chat"),
         ("default", "llama"),
     ]
-    assert store.rotate_all() == 2 and changes == [1]
+    assert await store.rotate_all() == 2 and changes == [1]
     assert store.bundle(Identity("default", "llama")).serial != first.serial
 
 
@@ -207,7 +207,7 @@ def _world(pods: dict[str, str]) -> World:
     return World(services=(svc,), workloads=MappingProxyType(workloads))
 
 
-def test_generator_serves_own_secrets_and_keys_on_the_certificate(
+async def test_generator_serves_own_secrets_and_keys_on_the_identity(
     ca: CertificateAuthority,
 ) -> None:
     store = SecretStore(ca, TD)
@@ -226,10 +226,13 @@ def test_generator_serves_own_secrets_and_keys_on_the_certificate(
     assert xds.SECRET not in generator.generate(stranger)
     assert generator.key(stranger) != generator.key(one)
 
-    # A rotation is a new generation with the same routing: only the key's serial moves.
-    store.rotate_all()
+    # A rotation is a new generation with the same routing and a new certificate. Keys
+    # hold within one generation (the cache memoizes per generation), so the key does not
+    # name the certificate, and computing it never signs.
+    await store.rotate_all()
     after = MeshGenerator(world, sidecars, store, previous=generator)
-    assert after.key(one) != generator.key(one)
+    issued = store.issued
+    assert after.key(one) == generator.key(one) and store.issued == issued
     again = after.generate(one)
     for type_url in (xds.CLUSTER, xds.LISTENER, xds.ROUTE, xds.ENDPOINT):
         assert again[type_url] is resources[type_url]

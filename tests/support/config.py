@@ -26,7 +26,7 @@ from google.protobuf import any_pb2, duration_pb2
 from mesh import xds
 from mesh.proxy import Proxy
 from xds_server.ads.cache import ConfigCache
-from xds_server.ads.server import XdsServer
+from xds_server.ads.server import ServerSettings, XdsServer
 
 LISTENER_NAME = "test-listener"
 ROUTE_NAME = "test-routes"
@@ -185,10 +185,12 @@ class StaticGenerator:
 
 
 @contextlib.asynccontextmanager
-async def serving(cache: ConfigCache) -> AsyncIterator[tuple[XdsServer, int]]:
+async def serving(
+    cache: ConfigCache, settings: ServerSettings | None = None
+) -> AsyncIterator[tuple[XdsServer, int]]:
     """An in-process ADS server on an ephemeral loopback port."""
     server = grpc.aio.server()
-    xds = XdsServer(cache)
+    xds = XdsServer(cache, settings=settings)
     xds.add_to(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

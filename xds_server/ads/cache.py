@@ -5,30 +5,55 @@ together hands the cache a :class:`Generator`: a pure function from a proxy to i
 resources, plus a key that says which proxies get identical config. Each change installs
 a new generator (a new generation); snapshots are computed lazily, once per key per
 generation, when a stream asks for one.
+
+Off the event loop: translating and serializing a snapshot is pure CPU work, and so is
+signing a certificate the generator may need. With an ``executor`` (the control plane
+gives it one worker thread), each build runs there, so the event loop keeps reading ACKs,
+writing pushes and answering health checks meanwhile. One thread, not several: builds run
+one at a time, so a generator's memos and the resource interner are never touched by two
+threads at once, and the same inputs still give the same bytes. Streams that ask for one
+key while it builds wait for that one build.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any, Protocol
+
+from cachetools import LRUCache
 
 from mesh.proxy import Proxy
 from xds_server.ads.snapshot import ResourceInterner, Snapshot, SnapshotError, build_snapshot
 
 log = logging.getLogger(__name__)
 
+#: Snapshots one generation keeps, by config key, least recently used dropped first.
+#: Every connected proxy's key is asked for at each push, so this must exceed the distinct
+#: configs connected at once (identities x port variants, plus each backend pod's own); a
+#: client that reconnects with ever new metadata adds keys, and past the bound only the
+#: stalest are dropped (a stream holds its snapshot itself, so nothing is lost but sharing).
+MAX_SNAPSHOTS_PER_GENERATION = 16_384
+
 
 class Generator(Protocol):
     """Translates the world, frozen inside the generator, into one proxy's resources."""
 
     def key(self, proxy: Proxy) -> Hashable:
-        """Proxies with equal keys get identical resources (so they are generated once)."""
+        """Proxies with equal keys get identical resources (so they are generated once).
+
+        Runs on the event loop: it must be cheap and must not block (no signing).
+        """
         ...
 
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
-        """Envoy protobuf messages grouped by type URL."""
+        """Envoy protobuf messages grouped by type URL.
+
+        May run on the cache's worker thread, one build at a time.
+        """
         ...
 
 
@@ -47,16 +72,29 @@ class EmptyGenerator:
 
 
 class ConfigCache:
-    """Holds the current generator and memoizes snapshots per proxy key."""
+    """Holds the current generator and memoizes snapshots per proxy key.
 
-    def __init__(self, generator: Generator | None = None) -> None:
+    ``executor``: where builds run (None: on the event loop, in the asking coroutine).
+    """
+
+    def __init__(
+        self,
+        generator: Generator | None = None,
+        *,
+        executor: Executor | None = None,
+        max_snapshots: int = MAX_SNAPSHOTS_PER_GENERATION,
+    ) -> None:
         self.interner = ResourceInterner()
+        self.executor = executor
+        self.max_snapshots = max_snapshots
         self.generator: Generator = EmptyGenerator()
         #: 0 until a generator is installed: nothing is served before the first world.
         self.generation = 0
         #: Monotonic time of the first change folded into the current generation.
         self.change_ts: float | None = None
-        self._memo: dict[Hashable, Snapshot] = {}
+        self._memo: LRUCache[Hashable, Snapshot | asyncio.Future[Snapshot]] = LRUCache(
+            max_snapshots
+        )
         self.failures = 0
         if generator is not None:
             self.update(generator)
@@ -71,19 +109,53 @@ class ConfigCache:
         self.generator = generator
         self.generation += 1
         self.change_ts = time.monotonic() if change_ts is None else change_ts
-        self._memo = {}
+        self._memo = LRUCache(self.max_snapshots)
         return self.generation
 
-    def snapshot_for(self, proxy: Proxy) -> Snapshot:
-        """The proxy's snapshot for the current generation; GenerationError if it fails."""
-        key = self.generator.key(proxy)
-        found = self._memo.get(key)
-        if found is not None:
-            return found
+    async def snapshot_for(self, proxy: Proxy) -> Snapshot:
+        """The proxy's snapshot for the current generation; GenerationError if it fails.
+
+        If the generation moves on while the build runs, this generation's snapshot is
+        still returned (its ``generation`` says which); the push that installed the new
+        generation wakes the stream again.
+        """
+        generator, generation, memo = self.generator, self.generation, self._memo
         try:
-            snapshot = build_snapshot(
-                self.interner, self.generator.generate(proxy), self.generation
-            )
+            key = generator.key(proxy)
+        except Exception as exc:
+            self.failures += 1
+            log.exception("config key failed for %s", proxy.node_id)
+            raise GenerationError(f"{proxy.node_id}: config key failed: {exc!r}") from exc
+        found = memo.get(key)
+        if isinstance(found, Snapshot):
+            return found
+        if found is None:
+            found = asyncio.ensure_future(self._build(generator, generation, proxy))
+            # Its failure is read by whoever waits; should every waiter have gone, here.
+            found.add_done_callback(lambda f: f.cancelled() or f.exception())
+            memo[key] = found
+        try:
+            # Shielded: a stream that goes away does not cancel a build others wait for.
+            snapshot = await asyncio.shield(found)
+        except GenerationError:
+            if memo.get(key) is found:
+                del memo[key]  # the next stream that asks tries again
+            raise
+        if memo.get(key) is found:
+            memo[key] = snapshot
+        return snapshot
+
+    async def _build(self, generator: Generator, generation: int, proxy: Proxy) -> Snapshot:
+        if self.executor is None:
+            return self._compute(generator, generation, proxy)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, self._compute, generator, generation, proxy
+        )
+
+    def _compute(self, generator: Generator, generation: int, proxy: Proxy) -> Snapshot:
+        try:
+            snapshot = build_snapshot(self.interner, generator.generate(proxy), generation)
             snapshot.check_consistent()
         except SnapshotError as exc:
             self.failures += 1
@@ -92,5 +164,4 @@ class ConfigCache:
             self.failures += 1
             log.exception("config generation failed for %s", proxy.node_id)
             raise GenerationError(f"{proxy.node_id}: generation failed: {exc!r}") from exc
-        self._memo[key] = snapshot
         return snapshot

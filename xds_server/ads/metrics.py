@@ -69,8 +69,15 @@ class XdsMetrics:
         )
         self.rejected_streams = Counter(
             "inferlane_xds_rejected_streams_total",
-            "Streams closed for a bad request, by reason.",
+            "Streams closed for a bad request or a client past a bound, by reason "
+            "(over_limit: a StreamLimits bound; write_timeout: the client stopped reading).",
             ["reason"],
+            registry=r,
+        )
+        self.throttled_reads = Counter(
+            "inferlane_xds_throttled_reads_total",
+            "Times a stream stopped reading because the client sent requests faster than "
+            "they were applied (its inbox was full).",
             registry=r,
         )
         self.convergence = Histogram(

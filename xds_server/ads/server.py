@@ -1,12 +1,19 @@
 """The ADS server: State-of-the-World and Delta streams on grpc.aio.
 
-One coroutine serves each stream. A reader task puts every request it reads on the
-stream's queue; the server puts a wake-up there when the config changes. The stream
-loop drains the queue, handles all requests first (ACKs and NACKs before pushes), then
+One coroutine serves each stream. A reader task puts every request it reads in the
+stream's inbox; the push queue wakes the inbox when the config changes. The stream loop
+takes everything there, handles all requests first (ACKs and NACKs before pushes), then
 writes whatever :class:`~xds_server.ads.stream.StreamState` says is due. A proxy has at most
-one pending push: a wake-up is queued only if none is queued already, and the snapshot
-is taken when the push runs, so it is always the newest. A semaphore caps how many
-streams build and write a push at once.
+one pending push: a wake-up is a flag, and the snapshot is taken when the push runs, so
+it is always the newest. The push queue caps how many streams build and write a push at
+once.
+
+Every client may be hostile, so everything a stream holds is bounded: the inbox holds a
+bounded number of requests (past it the reader stops reading, and HTTP/2 flow control
+holds the client back), a write that the client does not read within
+``write_timeout`` closes the stream (or it would hold a push slot forever), and
+:class:`~xds_server.ads.stream.StreamLimits` bounds the protocol state. A stream whose
+setup fails leaves nothing behind.
 
 Requests and responses are bytes on the wire: requests are parsed here (so garbage gets
 a clear INVALID_ARGUMENT for that stream only) and responses are the pre-encoded bytes
@@ -16,6 +23,7 @@ from ``wire.py``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -35,7 +43,7 @@ from xds_server.ads.cache import ConfigCache, GenerationError
 from xds_server.ads.debounce import PushRequest
 from xds_server.ads.metrics import XdsMetrics
 from xds_server.ads.pushqueue import PushQueue
-from xds_server.ads.stream import Outcome, ProtocolError, StreamState
+from xds_server.ads.stream import Outcome, Outgoing, ProtocolError, StreamLimits, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +61,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
-_WAKE = object()
-_EOF = object()
-
 
 @dataclass
 class _Arrived:
-    """What one drain of a stream's queue found."""
+    """What one take from a stream's inbox found."""
 
     requests: list[bytes] = field(default_factory=list)
     #: The push queue woke the stream: a new generation may be due.
@@ -77,6 +82,82 @@ class ServerSettings:
     max_concurrent_pushes: int = 512
     #: Largest request accepted, in bytes. Real requests are a few KB.
     max_request_bytes: int = 4 * 1024 * 1024
+    #: Requests one stream may have read and not yet applied. Past it the stream stops
+    #: reading, and HTTP/2 flow control holds the client back. Envoy has at most a few in
+    #: flight (an ACK per type, a subscription change); a client that sends and never
+    #: reads its responses reaches the bound while the stream waits to write.
+    max_queued_requests: int = 64
+    #: The same bound in bytes (a request larger than this is still taken, alone).
+    max_queued_request_bytes: int = 4 * 1024 * 1024
+    #: Seconds the responses due at once (a push) may take to be written, that is, for the
+    #: client to read them. Past it the stream is closed (the proxy reconnects), since a
+    #: client that stops reading would otherwise hold one of the push slots forever. Envoy
+    #: reads a large push in well under a second; 30 s leaves room for a busy proxy on a
+    #: slow link.
+    write_timeout: float = 30.0
+    #: What one client may make its stream's protocol state hold.
+    limits: StreamLimits = field(default_factory=StreamLimits)
+
+
+class _StreamEnded(Exception):
+    """The stream ends here; its status is already set on the context."""
+
+
+class _Inbox:
+    """One stream's inbox: the requests its reader read, the push queue's wake-up, and
+    the end of the stream. The stream loop takes everything at once.
+
+    Requests are bounded in number and bytes: :meth:`put` waits for room, so the reader
+    stops reading and the client is held back by flow control rather than by memory.
+    """
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._requests: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._woken = False
+        self._closed = False
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def full(self, size: int) -> bool:
+        """Whether a request of ``size`` bytes must wait for room."""
+        return bool(self._requests) and (
+            len(self._requests) >= self._max_requests or self._bytes + size > self._max_bytes
+        )
+
+    async def put(self, raw: bytes) -> None:
+        """Queue a request once there is room."""
+        while self.full(len(raw)):
+            self._room.clear()
+            await self._room.wait()
+        self._requests.append(raw)
+        self._bytes += len(raw)
+        self._ready.set()
+
+    def wake(self) -> None:
+        self._woken = True
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def take(self) -> _Arrived:
+        """Wait for something, then take everything there is."""
+        await self._ready.wait()
+        self._ready.clear()
+        arrived = _Arrived(list(self._requests), self._woken, self._closed)
+        self._requests.clear()
+        self._bytes = 0
+        self._woken = False
+        self._room.set()
+        return arrived
 
 
 @dataclass(frozen=True)
@@ -102,21 +183,18 @@ class StreamAuthorizer:
 
 @dataclass(eq=False)
 class Connection:
-    """A connected proxy: its identity, stream state and queue."""
+    """A connected proxy: its identity, stream state and inbox."""
 
     id: int
     proxy: Proxy
     delta: bool
     peer: str
     state: StreamState
+    inbox: _Inbox
     opened_at: float = field(default_factory=time.time)
-    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
-    wake_queued: bool = False
 
     def wake(self) -> None:
-        if not self.wake_queued:
-            self.wake_queued = True
-            self.queue.put_nowait(_WAKE)
+        self.inbox.wake()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -213,18 +291,26 @@ class XdsServer:
     # -- one stream -----------------------------------------------------------------
 
     async def _serve(self, context: grpc.aio.ServicerContext, *, delta: bool) -> None:
-        """One stream: drain what arrived, apply the requests, then push what is due."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(context, queue), name="xds-reader")
+        """One stream: take what arrived, apply the requests in order, then push what is
+        due. The first request opens the connection; from then on ``conn`` is closed
+        however the stream ends, so a stream that fails anywhere leaves nothing behind."""
+        inbox = _Inbox(self.settings.max_queued_requests, self.settings.max_queued_request_bytes)
+        reader = asyncio.create_task(self._read(context, inbox), name="xds-reader")
         conn: Connection | None = None
         try:
             while True:
-                arrived = await self._drain(queue)
-                conn = await self._apply(context, conn, arrived.requests, delta, queue)
+                arrived = await inbox.take()
+                for raw in arrived.requests:
+                    req = await self._parse(context, conn, raw, delta)
+                    if conn is None:
+                        conn = await self._open(context, req, delta, inbox)
+                    await self._handle(context, conn, req)
                 if arrived.closed:
                     return
                 if conn is not None:
                     await self._push(context, conn, woken=arrived.woken)
+        except _StreamEnded:
+            return
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -232,52 +318,23 @@ class XdsServer:
             if conn is not None:
                 self._close(conn)
 
-    @staticmethod
-    async def _drain(queue: asyncio.Queue[object]) -> _Arrived:
-        """Wait for something on the stream's queue, then take everything there is."""
-        items = [await queue.get()]
-        while not queue.empty():
-            items.append(queue.get_nowait())
-        arrived = _Arrived()
-        for item in items:
-            if item is _EOF:
-                arrived.closed = True
-                break
-            if item is _WAKE:
-                arrived.woken = True
-            else:
-                assert isinstance(item, bytes)
-                arrived.requests.append(item)
-        return arrived
-
-    async def _apply(
-        self,
-        context: grpc.aio.ServicerContext,
-        conn: Connection | None,
-        requests: list[bytes],
-        delta: bool,
-        queue: asyncio.Queue[object],
-    ) -> Connection | None:
-        """Parse and apply requests in order; the first one opens the connection."""
-        parse = (
-            discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
-        ).FromString
-        for raw in requests:
-            try:
-                req = parse(raw)
-            except DecodeError as exc:
-                await self._refuse(context, conn, "malformed", f"malformed request: {exc}")
-            if conn is None:
-                conn = await self._open(context, req, delta, queue)
-            elif req.HasField("node") and req.node.id and req.node.id != conn.proxy.node_id:
-                await self._refuse(
-                    context,
-                    conn,
-                    "node_changed",
-                    f"node ID changed mid-stream from {conn.proxy.node_id!r} to {req.node.id!r}",
-                )
-            await self._handle(context, conn, req)
-        return conn
+    async def _parse(
+        self, context: grpc.aio.ServicerContext, conn: Connection | None, raw: bytes, delta: bool
+    ) -> Any:
+        """One request, decoded; a malformed one, or one naming another node, is refused."""
+        parse = discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
+        try:
+            req = parse.FromString(raw)
+        except DecodeError as exc:
+            await self._refuse(context, conn, "malformed", f"malformed request: {exc}")
+        if conn is not None and req.node.id not in ("", conn.proxy.node_id):
+            await self._refuse(
+                context,
+                conn,
+                "node_changed",
+                f"node ID changed mid-stream from {conn.proxy.node_id!r} to {req.node.id!r}",
+            )
+        return req
 
     async def _push(
         self, context: grpc.aio.ServicerContext, conn: Connection, *, woken: bool
@@ -287,26 +344,27 @@ class XdsServer:
         if not woken:
             await self._write(context, conn)
             return
-        conn.wake_queued = False
         try:
-            self._refresh(conn)
+            await self._refresh(conn)
             await self._write(context, conn)
         finally:
             self.pushes.done(conn)
 
-    async def _read(self, context: grpc.aio.ServicerContext, queue: asyncio.Queue[object]) -> None:
+    async def _read(self, context: grpc.aio.ServicerContext, inbox: _Inbox) -> None:
         try:
             while True:
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
                     break
-                queue.put_nowait(raw)
+                if inbox.full(len(raw)):
+                    self.metrics.throttled_reads.inc()
+                await inbox.put(raw)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer went away mid-read
             log.debug("stream read ended: %r", exc)
         finally:
-            queue.put_nowait(_EOF)
+            inbox.close()
 
     async def _refuse(
         self,
@@ -323,12 +381,22 @@ class XdsServer:
         await context.abort(code, message)
         raise AssertionError("context.abort returned")
 
+    def _end_stalled(self, context: grpc.aio.ServicerContext, conn: Connection) -> NoReturn:
+        """End a stream whose client stopped reading. Not with ``abort``: its status
+        would wait behind the unread responses, and the handler with it."""
+        message = f"the client read no response for {self.settings.write_timeout:g} s"
+        self.metrics.rejected_streams.labels("write_timeout").inc()
+        log.warning("closing stream %d from %s: %s", conn.id, conn.proxy.node_id, message)
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(message)
+        raise _StreamEnded
+
     async def _open(
         self,
         context: grpc.aio.ServicerContext,
         req: Any,
         delta: bool,
-        queue: asyncio.Queue[object],
+        inbox: _Inbox,
     ) -> Connection:
         if not req.HasField("node") or not req.node.id:
             await self._refuse(
@@ -355,8 +423,8 @@ class XdsServer:
             proxy=proxy,
             delta=delta,
             peer=context.peer(),
-            state=StreamState(delta=delta),
-            queue=queue,
+            state=StreamState(delta=delta, limits=self.settings.limits),
+            inbox=inbox,
         )
         self.connections[conn.id] = conn
         self.metrics.connected.labels("delta" if delta else "sotw").inc()
@@ -368,39 +436,45 @@ class XdsServer:
             ", proxyless" if proxy.proxyless else "",
             conn.peer,
         )
-        self._refresh(conn)
+        try:
+            await self._refresh(conn)
+        except BaseException:
+            self._close(conn)  # whatever failed, the stream leaves nothing behind
+            raise
         if proxy.kind is ProxyKind.SIDECAR and not proxy.proxyless:
             self.on_sidecars_changed()
         return conn
 
     def _close(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        if self.connections.pop(conn.id, None) is None:
+            return
         self.pushes.forget(conn)
         self.metrics.connected.labels("delta" if conn.delta else "sotw").dec()
         log.info("stream %d closed: %s", conn.id, conn.proxy.node_id)
         if conn.proxy.kind is ProxyKind.SIDECAR and not conn.proxy.proxyless:
             self.on_sidecars_changed()
 
-    def _refresh(self, conn: Connection) -> None:
+    async def _refresh(self, conn: Connection) -> None:
         """Give the stream the current generation's snapshot; keep the old one on failure."""
         current = conn.state.snapshot
         if not self.cache.ready:
             return  # no world yet: an empty snapshot would wipe a reconnecting proxy's config
         if current is not None and current.generation == self.cache.generation:
             return
+        change_ts = self.cache.change_ts
         try:
-            snapshot = self.cache.snapshot_for(conn.proxy)
+            snapshot = await self.cache.snapshot_for(conn.proxy)
         except GenerationError as exc:
             self.metrics.generation_failures.inc()
             log.error("stream %d keeps its last config: %s", conn.id, exc)
             return
-        conn.state.set_snapshot(snapshot, self.cache.change_ts)
+        conn.state.set_snapshot(snapshot, change_ts)
 
     async def _handle(self, context: grpc.aio.ServicerContext, conn: Connection, req: Any) -> None:
         try:
             result = conn.state.on_request(req)
         except ProtocolError as exc:
-            await self._refuse(context, conn, "protocol", str(exc))
+            await self._refuse(context, conn, exc.reason, str(exc))
         m = self.metrics.of(result.type_url)
         if result.outcome is Outcome.ACK:
             m.acks.inc()
@@ -421,19 +495,31 @@ class XdsServer:
             m.stale.inc()
 
     async def _write(self, context: grpc.aio.ServicerContext, conn: Connection) -> None:
-        for out in conn.state.responses():
-            await context.write(out.payload)
-            m = self.metrics.of(out.type_url)
-            m.pushes.inc()
-            m.push_bytes.inc(len(out.payload))
-            m.resources_sent.inc(out.resources)
-            log.debug(
-                "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
-                conn.id,
-                conn.proxy.node_id,
-                xds.short(out.type_url),
-                out.version,
-                out.nonce,
-                out.resources,
-                out.removed,
-            )
+        responses = conn.state.responses()
+        if not responses:
+            return
+        try:
+            # One deadline for what is due now (a timer per response costs a 10,000-stream
+            # push a tenth of a second).
+            async with asyncio.timeout(self.settings.write_timeout):
+                for out in responses:
+                    await context.write(out.payload)
+                    self._count_sent(conn, out)
+        except TimeoutError:
+            self._end_stalled(context, conn)
+
+    def _count_sent(self, conn: Connection, out: Outgoing) -> None:
+        m = self.metrics.of(out.type_url)
+        m.pushes.inc()
+        m.push_bytes.inc(len(out.payload))
+        m.resources_sent.inc(out.resources)
+        log.debug(
+            "stream %d (%s): sent %s version %s nonce %s (%d resources, %d removed)",
+            conn.id,
+            conn.proxy.node_id,
+            xds.short(out.type_url),
+            out.version,
+            out.nonce,
+            out.resources,
+            out.removed,
+        )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from cachetools import LRUCache
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -28,6 +29,14 @@ from mesh import xds
 from xds_server.ads import wire
 
 T = TypeVar("T")
+
+#: Views (and shared decisions) one snapshot keeps, least recently used dropped first. All
+#: proxies of one config key share a snapshot and subscribe alike, so a snapshot serves a
+#: handful of subscription shapes per type (a few more while clusters warm). The bound
+#: caps what a client that keeps changing its subscription adds to a snapshot shared with
+#: others: each view holds a mapping and, once sent, its encoded response (up to the size
+#: of the whole type). A view dropped is computed again when next asked for.
+MAX_CACHED_VIEWS = 256
 
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
@@ -172,11 +181,12 @@ class Snapshot:
     generation: int = 0
     #: Views computed so far, shared by every stream of this snapshot (all proxies with
     #: one config key): a push to ten thousand alike proxies selects and hashes once.
-    _views: dict[tuple[str, frozenset[str] | None], View] = field(
-        default_factory=dict, compare=False, repr=False
+    _views: LRUCache[tuple[str, frozenset[str] | None], View] = field(
+        default_factory=lambda: LRUCache(MAX_CACHED_VIEWS), compare=False, repr=False
     )
-
-    _memo: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+    _memo: LRUCache[tuple[str, ...], Any] = field(
+        default_factory=lambda: LRUCache(MAX_CACHED_VIEWS), compare=False, repr=False
+    )
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, {})
@@ -188,7 +198,8 @@ class Snapshot:
         """
         if key in self._memo:
             return cast(T, self._memo[key])
-        value = self._memo[key] = compute()
+        value = compute()
+        self._memo[key] = value
         return value
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
@@ -201,7 +212,8 @@ class Snapshot:
         if found is None:
             have = self.of_type(type_url)
             selected = dict(have) if names is None else {n: have[n] for n in names if n in have}
-            found = self._views[key] = View(selected, version_of(selected))
+            found = View(selected, version_of(selected))
+            self._views[key] = found
         return found
 
     def check_consistent(self) -> None:

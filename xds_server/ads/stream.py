@@ -9,7 +9,12 @@ in one place.
 The rules, each from a failure seen in the field (FIELD-NOTES.md):
 
 * Stale nonces are dropped. A request whose ``response_nonce`` is not the latest sent on
-  this stream for its type is an answer to something superseded.
+  this stream for its type is an answer to something superseded. Under Delta every
+  response carries only its own changes, so each one still unanswered is remembered
+  and its answer applied to exactly its resources: a NACK of an older response leaves
+  them un-acknowledged even when a later response is ACKed.
+* The first request for a type subscribes, whatever nonce it carries (a client may keep
+  the nonce of its previous stream across a reconnect).
 * A NACK keeps the last accepted version: what was recorded as sent rolls back to what
   was acknowledged, and the rejected version is not sent again (no resend loop) until
   the desired version changes.
@@ -23,7 +28,13 @@ The rules, each from a failure seen in the field (FIELD-NOTES.md):
   Until then the proxy keeps the old cluster that old routes may still point at. A
   route configuration that names a new cluster waits until the proxy has acknowledged
   that cluster and its endpoints, so no request meets a cluster that is still warming.
-* A reconnecting proxy that already holds the current versions is sent nothing.
+* A reconnecting proxy that already holds the current versions is sent nothing. A Delta
+  proxy that holds resources which no longer exist (deleted while it was connected to
+  another replica, or while the control plane was down) is sent their removal.
+* Delta: a subscription to a name that does not exist is answered in
+  ``removed_resources``, as the xDS protocol says, so the client stops waiting for it.
+* Everything a client can make a stream hold is bounded (:class:`StreamLimits`); a
+  request past a bound closes that stream alone, with a message naming the bound.
 """
 
 from __future__ import annotations
@@ -38,16 +49,45 @@ from mesh import xds
 from xds_server.ads import wire
 from xds_server.ads.snapshot import Resource, Snapshot, View, version_of
 
-#: Most resource names one request may carry; far beyond any real proxy's needs.
-MAX_NAMES_PER_REQUEST = 10_000
-#: Longest resource name accepted.
-MAX_NAME_LENGTH = 1024
-
 SERVED_TYPES = frozenset(xds.PUSH_ORDER)
+
+#: In ``TypeState.rejected``: the client rejected the removal of that name.
+REMOVAL = ""
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What one client may make its stream hold. Past a bound, the request is refused and
+    that stream alone is closed, with a message naming the bound (the proxy reconnects;
+    a real one never gets near these)."""
+
+    #: Resource names one request may carry, and one Delta subscription may hold, per
+    #: type. SotW sends its whole subscription in every request, so both bounds are one:
+    #: a Delta stream may not hold more than a SotW request may name. 10,000 is several
+    #: times the clusters of the largest meshes Envoy is run in; each name costs a few
+    #: hundred bytes of stream state.
+    max_names: int = 10_000
+    #: Longest resource name, and longest version a client says it holds, in characters.
+    #: inferlane's names are Istio-style cluster names (under 300) and its versions 16 hex
+    #: digits.
+    max_name_length: int = 1024
+    #: Delta responses of one type sent and not yet answered. Each is remembered until its
+    #: ACK or NACK, so that an answer applies to exactly its resources. Envoy answers each
+    #: within milliseconds; a client that stops answering is sent nothing more of that type
+    #: until it does (SotW needs no bound: a response replaces the previous one).
+    max_unanswered: int = 16
 
 
 class ProtocolError(Exception):
-    """A request this stream cannot serve. The stream is closed with this message."""
+    """A request this stream cannot serve. The stream is closed with this message.
+
+    ``reason`` labels ``inferlane_xds_rejected_streams_total``: ``protocol`` for a request
+    that breaks the protocol, ``over_limit`` for one past a :class:`StreamLimits` bound.
+    """
+
+    def __init__(self, message: str, reason: str = "protocol") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Outcome(enum.Enum):
@@ -87,6 +127,16 @@ class RequestResult:
     convergence: float | None = None
 
 
+@dataclass(frozen=True)
+class DeltaSent:
+    """One Delta response not yet answered: exactly the changes it carries."""
+
+    changed: dict[str, Resource]
+    removed: tuple[str, ...]
+    #: Monotonic time of the change it carries.
+    change_ts: float | None
+
+
 @dataclass
 class TypeState:
     """Per type URL: subscription, what was sent and acknowledged, the last NACK."""
@@ -97,16 +147,19 @@ class TypeState:
     #: Subscribed names (besides a wildcard). Replaced, never mutated, so it can key views.
     names: frozenset[str] = frozenset()
     #: What the proxy was sent / acknowledged. Under SotW these mappings are shared with
-    #: snapshot views and replaced whole; under Delta they are private and edited.
+    #: snapshot views and replaced whole; under Delta they are private and edited, and
+    #: ``sent`` is ``acked`` with every unanswered response applied in order.
     sent: dict[str, Resource] = field(default_factory=dict)
     sent_version: str = ""
     acked: dict[str, Resource] = field(default_factory=dict)
     acked_version: str = ""
+    #: The latest nonce sent.
     nonce: str = ""
     pending: bool = False
     nacked: bool = False
     last_error: str = ""
-    #: SotW: the version_info the client NACKed; Delta: name -> version it NACKed.
+    #: SotW: the version_info the client NACKed; Delta: name -> version it NACKed
+    #: (:data:`REMOVAL` for a removal it rejected).
     rejected_version: str = ""
     rejected: dict[str, str] = field(default_factory=dict)
     #: Respond even if nothing changed (a first request, a re-request).
@@ -117,9 +170,11 @@ class TypeState:
     client_version: str = ""
     #: Delta reconnect: name -> version the client says it holds, until compared once.
     client_versions: dict[str, str] = field(default_factory=dict)
-    #: Delta: resources in the latest response (for the NACK's record of rejected versions).
-    inflight: dict[str, str] = field(default_factory=dict)
-    #: Monotonic time of the change the latest response carries.
+    #: Delta: the responses not yet answered, by nonce, oldest first.
+    unanswered: dict[str, DeltaSent] = field(default_factory=dict)
+    #: Delta: subscribed names the client was told do not exist.
+    absent: set[str] = field(default_factory=set)
+    #: SotW: monotonic time of the change the latest response carries.
     change_ts: float | None = None
     responses_sent: int = 0
 
@@ -136,12 +191,25 @@ class TypeState:
         return SyncStatus.SYNCED
 
 
+def _held_elsewhere(type_url: str, name: str, version: str) -> Resource:
+    """A resource a reconnecting client says it holds at a version this server does not
+    have: only its name and version are known."""
+    return Resource(type_url=type_url, name=name, version=version, body=b"")
+
+
 class StreamState:
     """One ADS stream's protocol state. ``delta`` picks Delta or State-of-the-World rules."""
 
-    def __init__(self, *, delta: bool, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        delta: bool,
+        clock: Callable[[], float] = time.monotonic,
+        limits: StreamLimits | None = None,
+    ) -> None:
         self.delta = delta
         self.clock = clock
+        self.limits = limits or StreamLimits()
         self.types: dict[str, TypeState] = {}
         self.snapshot: Snapshot | None = None
         self.change_ts: float | None = None
@@ -150,7 +218,8 @@ class StreamState:
         #: an ACK while something is held back. Most ACKs change nothing to send, and
         #: skipping their evaluation halves a large push's cost.
         self._dirty = True
-        #: The last evaluation held something back (a deferred removal, a cold route).
+        #: The last evaluation held something back (a deferred removal, a cold route, a
+        #: type with too many responses unanswered).
         self._holding = False
         self._names_changed = False
 
@@ -190,21 +259,30 @@ class StreamState:
                 *req.resource_names_unsubscribe,
                 *req.initial_resource_versions,
             )
+            versions: Iterable[str] = req.initial_resource_versions.values()
         else:
-            names_in = req.resource_names
-        self._check_names(type_url, names_in)
+            names_in, versions = req.resource_names, (req.version_info,)
+        self._check_names(type_url, names_in, versions)
         st = self.types.get(type_url)
         if st is None:
             st = self.types[type_url] = TypeState(type_url)
+        first = not st.subscribed
         nonce: str = req.response_nonce
-        stale = bool(nonce) and nonce != st.nonce
         if self.delta:
-            # Delta subscriptions are incremental: a change is never dropped with its nonce.
+            # The answer first: the client processed that response before it changed its
+            # subscription. Then the change, which is never dropped with a stale nonce
+            # (Delta subscriptions are incremental).
+            result = (
+                RequestResult(type_url, Outcome.SUBSCRIBE)
+                if first or not nonce
+                else self._delta_answer(st, nonce, req)
+            )
             self._delta_subscription(st, req)
-        elif not stale:
+            return result
+        stale = bool(nonce) and not first and nonce != st.nonce
+        if not stale:
             self._sotw_subscription(st, req)
-
-        if not nonce:
+        if first or not nonce:
             return RequestResult(type_url, Outcome.SUBSCRIBE)
         if stale:
             return RequestResult(type_url, Outcome.STALE, nonce=nonce)
@@ -212,24 +290,32 @@ class StreamState:
             # The latest response was answered already: this repeats that answer.
             if req.HasField("error_detail") or st.nacked:
                 return RequestResult(type_url, Outcome.STALE, nonce=nonce)
-            if not self.delta:
-                st.force = True
+            st.force = True
             return RequestResult(type_url, Outcome.REREQUEST, nonce=nonce)
         if req.HasField("error_detail"):
-            return self._nack(st, nonce, req.error_detail.message or "(no message)")
+            return self._nack(st, nonce, _error_message(req))
         return self._ack(st, nonce)
 
-    @staticmethod
-    def _check_names(type_url: str, names: Iterable[str]) -> None:
+    def _check_names(self, type_url: str, names: Iterable[str], versions: Iterable[str]) -> None:
+        limits = self.limits
         for count, name in enumerate(names, start=1):
-            if count > MAX_NAMES_PER_REQUEST:
+            if count > limits.max_names:
                 raise ProtocolError(
-                    f"{xds.short(type_url)} request names over {MAX_NAMES_PER_REQUEST} resources"
+                    f"{xds.short(type_url)} request names over {limits.max_names} resources",
+                    "over_limit",
                 )
-            if len(name) > MAX_NAME_LENGTH:
+            if len(name) > limits.max_name_length:
                 raise ProtocolError(
                     f"{xds.short(type_url)} resource name of {len(name)} characters, "
-                    f"over {MAX_NAME_LENGTH}"
+                    f"over {limits.max_name_length}",
+                    "over_limit",
+                )
+        for version in versions:
+            if len(version) > limits.max_name_length:
+                raise ProtocolError(
+                    f"{xds.short(type_url)} version of {len(version)} characters, "
+                    f"over {limits.max_name_length}",
+                    "over_limit",
                 )
 
     def _sotw_subscription(self, st: TypeState, req: Any) -> None:
@@ -264,10 +350,18 @@ class StreamState:
             st.wildcard = False
             unsub.discard("*")
         if sub or unsub:
-            st.names = (st.names | sub) - unsub
+            names = (st.names | sub) - unsub
+            if len(names) > self.limits.max_names:
+                raise ProtocolError(
+                    f"{xds.short(st.type_url)} subscription of {len(names)} names, over the "
+                    f"limit of {self.limits.max_names}",
+                    "over_limit",
+                )
+            st.names = frozenset(names)
         for name in unsub:
             st.sent.pop(name, None)
             st.acked.pop(name, None)
+            st.absent.discard(name)
         if first:
             st.subscribed = True
             st.client_versions = dict(req.initial_resource_versions)
@@ -275,19 +369,23 @@ class StreamState:
                 st.force = True
 
     def _adopt_client_versions(self, st: TypeState) -> None:
-        """A reconnecting Delta client lists what it holds; record the ones we recognise
-        (once a snapshot exists to recognise them by), as sent and acknowledged."""
-        have = self.snapshot.of_type(st.type_url) if self.snapshot else {}
+        """A reconnecting Delta client lists what it holds: record all of it as sent and
+        acknowledged (once a snapshot exists to compare with). What it holds at another
+        version is then sent, and what no longer exists is removed."""
+        assert self.snapshot is not None
+        have = self.snapshot.of_type(st.type_url)
         for name, version in st.client_versions.items():
+            if not st.wants(name):
+                continue
             res = have.get(name)
-            if res is not None and res.version == version:
-                st.sent[name] = st.acked[name] = res
+            if res is None or res.version != version:
+                res = _held_elsewhere(st.type_url, name, version)
+            st.sent[name] = st.acked[name] = res
         st.client_versions = {}
         st.sent_version = st.acked_version = version_of(st.sent)
 
     def _ack(self, st: TypeState, nonce: str) -> RequestResult:
-        # SotW replaces ``sent`` whole, so it can be shared; Delta edits it in place.
-        st.acked = dict(st.sent) if self.delta else st.sent
+        st.acked = st.sent  # SotW replaces ``sent`` whole, so it can be shared
         st.acked_version = st.sent_version
         st.pending = False
         st.nacked = False
@@ -297,17 +395,69 @@ class StreamState:
         return RequestResult(st.type_url, Outcome.ACK, nonce=nonce, convergence=took)
 
     def _nack(self, st: TypeState, nonce: str, message: str) -> RequestResult:
-        if self.delta:
-            st.rejected.update(st.inflight)
-        else:
-            st.rejected_version = st.sent_version
-        st.sent = dict(st.acked)
+        st.rejected_version = st.sent_version
+        st.sent = st.acked
         st.sent_version = st.acked_version
         st.pending = False
         st.nacked = True
         st.last_error = message
         st.change_ts = None
         return RequestResult(st.type_url, Outcome.NACK, nonce=nonce, error=message)
+
+    def _delta_answer(self, st: TypeState, nonce: str, req: Any) -> RequestResult:
+        """An ACK or NACK of one of the responses still unanswered.
+
+        A client answers responses in the order it got them, so the responses before this
+        one that got no answer were applied (a client that answers only the latest).
+        """
+        if nonce not in st.unanswered:
+            if nonce == st.nonce and not req.HasField("error_detail"):
+                # The latest response was answered already: a subscription change that
+                # carries its nonce.
+                return RequestResult(st.type_url, Outcome.REREQUEST, nonce=nonce)
+            return RequestResult(st.type_url, Outcome.STALE, nonce=nonce)
+        error = _error_message(req) if req.HasField("error_detail") else None
+        for answered in list(st.unanswered):
+            sent = st.unanswered.pop(answered)
+            if answered != nonce:
+                self._delta_apply(st, sent)
+                continue
+            st.pending = bool(st.unanswered)
+            if error is None:
+                self._delta_apply(st, sent)
+                st.acked_version = version_of(st.acked)
+                st.nacked = bool(st.rejected)
+                took = None if sent.change_ts is None else self.clock() - sent.change_ts
+                return RequestResult(st.type_url, Outcome.ACK, nonce=nonce, convergence=took)
+            for name, res in sent.changed.items():
+                st.rejected[name] = res.version
+            for name in sent.removed:
+                st.rejected[name] = REMOVAL
+            # What the client will hold: what it holds, with the later responses applied.
+            st.sent = dict(st.acked)
+            for later in st.unanswered.values():
+                for name, res in later.changed.items():
+                    if st.wants(name):
+                        st.sent[name] = res
+                for name in later.removed:
+                    st.sent.pop(name, None)
+            st.sent_version = version_of(st.sent)
+            st.acked_version = version_of(st.acked)
+            st.nacked = True
+            st.last_error = error
+            return RequestResult(st.type_url, Outcome.NACK, nonce=nonce, error=error)
+        raise AssertionError("unreachable: the nonce is unanswered")
+
+    @staticmethod
+    def _delta_apply(st: TypeState, sent: DeltaSent) -> None:
+        """Record one response as held by the client (names unsubscribed since are not)."""
+        for name, res in sent.changed.items():
+            if st.wants(name):
+                st.acked[name] = res
+            st.rejected.pop(name, None)
+        for name in sent.removed:
+            st.acked.pop(name, None)
+            st.rejected.pop(name, None)
 
     # -- outputs ----------------------------------------------------------------
 
@@ -330,7 +480,12 @@ class StreamState:
         """What to hold for this type now, as a view (shared when nothing is held back)."""
         desired: dict[str, Resource] = view.resources
         if unconverged and not unconverged.isdisjoint(xds.PUSH_ORDER[index + 1 :]):
-            kept = {n: r for n, r in st.acked.items() if n not in desired and st.wants(n)}
+            # Defer removals not sent yet; one already on its way is not taken back.
+            kept = {
+                n: r
+                for n, r in st.sent.items()
+                if n not in desired and n in st.acked and st.wants(n)
+            }
             if kept:
                 desired = {**desired, **kept}
         if st.type_url == xds.ROUTE:
@@ -405,6 +560,9 @@ class StreamState:
             for index, type_url in enumerate(xds.PUSH_ORDER)
             if (st := self.types.get(type_url)) is not None and st.subscribed
         ]
+        for _, st in subscribed:
+            if st.client_versions:
+                self._adopt_client_versions(st)
         plain = {st.type_url: self._plain(st) for _, st in subscribed}
         unconverged = {
             st.type_url for _, st in subscribed if not self._converged(st, plain[st.type_url])
@@ -469,33 +627,47 @@ class StreamState:
         return Outgoing(st.type_url, nonce, version, payload, len(desired))
 
     def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
-        if st.client_versions:
-            self._adopt_client_versions(st)
+        if len(st.unanswered) >= self.limits.max_unanswered:
+            self._holding = True  # until the client answers
+            return None
+        # A rejected version stays unsent until the desired version moves past it.
+        superseded = [
+            n
+            for n, v in st.rejected.items()
+            if (n in desired and desired[n].version != v) or (n not in desired and v != REMOVAL)
+        ]
+        for name in superseded:
+            del st.rejected[name]
         changed = [
             r
             for n, r in sorted(desired.items())
             if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
             and st.rejected.get(n) != r.version
         ]
-        removed = sorted(n for n in st.sent if n not in desired)
-        st.force_names.clear()
-        # A rejected version stays unsent until the desired version moves past it.
-        superseded = [
-            n for n, v in st.rejected.items() if n not in desired or desired[n].version != v
+        removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
+        # Subscribed names that do not exist: the client stops waiting for them.
+        exists = self.snapshot.of_type(st.type_url) if self.snapshot is not None else {}
+        missing = [
+            n for n in st.names if n not in exists and n not in st.sent and n not in st.absent
         ]
-        for name in superseded:
-            del st.rejected[name]
-        if not changed and not removed and not st.force:
+        st.force_names.clear()
+        if not changed and not removed and not missing and not st.force:
             if not st.pending and not st.rejected:
                 st.nacked = False  # the proxy holds what is desired: the NACK is behind it
             return None
         for res in changed:
             st.sent[res.name] = res
+            st.absent.discard(res.name)
         for name in removed:
             del st.sent[name]
+        removed.extend(missing)
+        removed.sort()
+        st.absent.update(n for n in removed if n in st.names)
         st.sent_version = version_of(st.sent)
-        st.inflight = {r.name: r.version for r in changed}
         nonce = self._next_nonce()
+        st.unanswered[nonce] = DeltaSent(
+            {r.name: r for r in changed}, tuple(removed), self.change_ts
+        )
         payload = wire.delta_discovery_response(
             st.sent_version, st.type_url, nonce, (r.delta_field for r in changed), removed
         )
@@ -516,3 +688,7 @@ class StreamState:
             }
             for t, st in sorted(self.types.items())
         }
+
+
+def _error_message(req: Any) -> str:
+    return str(req.error_detail.message) or "(no message)"
