@@ -618,7 +618,9 @@ class StreamState:
             if not st.pending:
                 st.nacked = False  # the proxy holds what is desired: the NACK is behind it
             return None
-        if not st.force and version == st.rejected_version:
+        if version == st.rejected_version:
+            # Never again, forced or not (a cluster re-sent asks for its endpoints), until
+            # the desired version moves past it: as Delta's per-name rejections.
             return None
         nonce = self._next_nonce()
         payload = view.sotw_payload(st.type_url, nonce)
