@@ -39,6 +39,7 @@ from routing.secure import SecurityOptions
 from xds_server.admin import Admin, serving_admin
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, PushRequest
+from xds_server.ads.looplag import LoopLagProbe
 from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
@@ -68,6 +69,9 @@ class ServeSettings:
     #: The global rate-limit service (its port: ``rls`` in the ports file) and adaptive
     #: limits. By default no service port, as for the TLS xDS port.
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    #: Processes serving the plaintext xDS port (``inferlane serve --workers``); 1 serves
+    #: every stream from this process.
+    workers: int = 1
 
 
 class ControlPlane:
@@ -112,6 +116,7 @@ class ControlPlane:
             "the mesh CA's root and each served identity's certificate (no keys)",
             self._describe_certs,
         )
+        self.loop_lag = LoopLagProbe(self.xds.metrics.registry)
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
         #: Set up in run(): the workload secrets and the TLS port's front.
@@ -159,6 +164,15 @@ class ControlPlane:
         )
         self.cache.update(self._generator, push.first_change)
         self.xds.push_all(push)
+
+    def renew_certificates(self) -> int:
+        """Replace every workload certificate now (``SIGUSR1``: after a suspected key
+        compromise); returns how many identities had one."""
+        if self.secrets is None:
+            return 0
+        count = self.secrets.rotate_all()
+        log.warning("replacing all %d workload certificates now", count)
+        return count
 
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
@@ -255,6 +269,7 @@ class ControlPlane:
                 tasks.create_task(self.debouncer.run(), name="debouncer")
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
                 tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
+                tasks.create_task(self.loop_lag.run(), name="loop-lag")
 
 
 def _host(host: str) -> str:
@@ -281,6 +296,8 @@ async def serve(settings: ServeSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGUSR1, plane.renew_certificates)
     with contextlib.suppress(asyncio.CancelledError):
         await plane.run()
     log.info("stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,11 @@ from mtls.identity import DEFAULT_TRUST_DOMAIN
 from xds_server.ads.debounce import DebounceSettings
 from xds_server.auth.settings import DEFAULT_PLAINTEXT_SECRETS_FROM, DEFAULT_SERVER_NAMES
 from xds_server.cli import args
+
+
+def default_workers() -> int:
+    """The cores this process may use (its CPU affinity, as a container's cpuset sets it)."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,6 +38,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument("--admin-port", type=args.port, default=15014, help="admin HTTP (0 = any)")
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    serve.add_argument(
+        "--workers",
+        type=args.positive_int,
+        default=default_workers(),
+        help="processes serving the plaintext xDS port's streams (default: the cores "
+        "this process may use); one process translates for all of them",
+    )
     serve.add_argument(
         "--debounce-quiet", type=float, default=0.1, help="seconds of quiet before a push"
     )
@@ -121,6 +134,7 @@ def run(options: argparse.Namespace) -> int:
         xds_tls_port=options.xds_tls_port,
         admin_port=options.admin_port,
         ports_file=options.ports_file,
+        workers=options.workers,
         debounce=DebounceSettings(quiet=options.debounce_quiet, max_delay=options.debounce_max),
         security=SecuritySettings(
             trust_domain=options.trust_domain,
