@@ -16,7 +16,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh import xds
 from mesh.model import World
+from mesh.proxy import Proxy
 from xds_server.ads.server import XdsServer
 from xds_server.ads.snapshot import decode
 
@@ -46,6 +47,24 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
+class WorkerStreams(Protocol):
+    """The streams other processes serve (``inferlane serve --workers N``), shown with this
+    process's own as one control plane."""
+
+    #: Every process's metrics, summed.
+    registry: CollectorRegistry
+
+    async def gather(self, what: str) -> list[dict[str, Any]]:
+        """Every worker's entries of ``/debug/syncz`` (``syncz``) or ``/debug/connections``."""
+        ...
+
+    def find(self, node_id: str) -> Proxy | None: ...
+
+    async def refresh_metrics(self) -> None:
+        """Fetch every worker's samples into ``registry``."""
+        ...
+
+
 class Admin:
     """Builds the aiohttp application. ``services`` and ``ready`` come from the wiring."""
 
@@ -56,11 +75,14 @@ class Admin:
         world: Callable[[], World | None] = lambda: None,
         ready: Callable[[], bool] = lambda: True,
         registries: tuple[CollectorRegistry, ...] = (),
+        workers: WorkerStreams | None = None,
     ) -> None:
         self.xds = xds
         self.world = world
         self.ready = ready
-        self.registries = (xds.metrics.registry, *registries)
+        self.workers = workers
+        streams = workers.registry if workers is not None else xds.metrics.registry
+        self.registries = (streams, *registries)
         self.pages: list[Page] = []
         self.app = web.Application()
         self.add_page("/", "this index", self._index)
@@ -109,30 +131,29 @@ class Admin:
         return web.Response(text="not ready: no world loaded yet\n", status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.workers is not None:
+            await self.workers.refresh_metrics()
         body = b"".join(generate_latest(r) for r in self.registries)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _syncz(self, request: web.Request) -> web.Response:
-        out = []
-        for conn in sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id):
-            status = conn.state.sync_status()
-            out.append(
-                {
-                    "node_id": conn.proxy.node_id,
-                    "mode": "delta" if conn.delta else "sotw",
-                    "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
-                }
-            )
-        return _json(out)
+        out = [c.sync_entry() for c in self.xds.connections.values()]
+        if self.workers is not None:
+            out += await self.workers.gather("syncz")
+        return _json(sorted(out, key=lambda e: str(e["node_id"])))
 
     async def _config_dump(self, request: web.Request) -> web.Response:
         node_id = request.query.get("proxy", "")
         if not node_id:
             return _json({"error": "give ?proxy=NODE_ID; /debug/syncz lists them"}, 400)
         conn = self.xds.find(node_id)
-        if conn is None:
+        remote = self.workers.find(node_id) if conn is None and self.workers else None
+        if conn is not None:
+            snapshot = conn.state.snapshot
+        elif remote is not None:
+            snapshot = self.xds.cache.snapshot_for(remote)
+        else:
             return _json({"error": f"no connected proxy {node_id!r}"}, 404)
-        snapshot = conn.state.snapshot
         resources = snapshot.resources if snapshot is not None else {}
         return _json(
             {
@@ -152,7 +173,10 @@ class Admin:
         return _json(describe_world(self.world()))
 
     async def _connections(self, request: web.Request) -> web.Response:
-        return _json([c.describe() for c in self.xds.connections.values()])
+        out = [c.describe() for c in self.xds.connections.values()]
+        if self.workers is not None:
+            out += await self.workers.gather("connections")
+        return _json(out)
 
 
 def plain(value: Any) -> Any:

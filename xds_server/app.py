@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from mesh.model import World
+from mesh.proxy import Proxy
 from mesh.sources import WorldSource
 from mtls.identity import Identity, workload_identity
 from mtls.secrets import SecretStore
@@ -45,6 +46,7 @@ from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
 from xds_server.auth.tls_front import TlsFront, server_ssl_context
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
+from xds_server.workers.hub import WorkerHub
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,25 @@ class ControlPlane:
         self.ratelimits = RateLimitRuntime(
             settings.ratelimit, on_change=lambda: self.debouncer.trigger(PushReason.ADAPTIVE)
         )
+        #: The worker processes that serve the plaintext port (``--workers N``, N > 1).
+        self.hub = (
+            WorkerHub(
+                settings.workers,
+                self.cache,
+                settings=settings.server,
+                authorizer=lambda: self.xds.authorizer,
+                on_sidecars_changed=lambda: self.debouncer.trigger(PushReason.PROXY),
+                own_metrics=self.xds.metrics.registry,
+            )
+            if settings.workers > 1
+            else None
+        )
         self.admin = Admin(
             self.xds,
             world=lambda: self.world,
             ready=self._ready,
             registries=(self.ratelimits.registry,),
+            workers=self.hub,
         )
         self.admin.add_json_page(
             "/debug/ratelimits",
@@ -139,13 +155,19 @@ class ControlPlane:
             log.info("first world loaded: %d inference services", len(world.services))
         self.debouncer.trigger(PushReason.WORLD)
 
-    def _identity(self, proxy: Any) -> Identity | None:
+    def _identity(self, proxy: Proxy) -> Identity | None:
         if self.world is None:
             return None
         return workload_identity(self.world, proxy, self.tls_options.trust_domain)
 
+    def _proxies(self) -> Iterator[Proxy]:
+        """Every connected proxy, this process's and the workers'."""
+        yield from (c.proxy for c in self.xds.connections.values())
+        if self.hub is not None:
+            yield from self.hub.proxies()
+
     def _identities_in_use(self) -> set[Identity]:
-        found = (self._identity(c.proxy) for c in self.xds.connections.values())
+        found = (self._identity(p) for p in self._proxies())
         return {identity for identity in found if identity is not None}
 
     async def _flush(self, push: PushRequest) -> None:
@@ -153,7 +175,10 @@ class ControlPlane:
             return
         # Endpoints are addressed through a sidecar (over mTLS) only if it can terminate
         # mTLS: it has a workload identity and so gets a certificate.
-        sidecars = {k: p for k, p in self.xds.sidecars().items() if self._identity(p) is not None}
+        connected = self.xds.sidecars()
+        if self.hub is not None:
+            connected |= self.hub.sidecars()
+        sidecars = {k: p for k, p in connected.items() if self._identity(p) is not None}
         self._generator = MeshGenerator(
             self.world,
             sidecars,
@@ -164,6 +189,8 @@ class ControlPlane:
         )
         self.cache.update(self._generator, push.first_change)
         self.xds.push_all(push)
+        if self.hub is not None:
+            await self.hub.push()
 
     def renew_certificates(self) -> int:
         """Replace every workload certificate now (``SIGUSR1``: after a suspected key
@@ -233,7 +260,12 @@ class ControlPlane:
             ]
         )
         self.xds.add_to(grpc_server)
-        xds_port = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
+        # With workers, they serve the plaintext port; this process serves the TLS port.
+        xds_port = (
+            grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
+            if self.hub is None
+            else None
+        )
         # The TLS front relays to this loopback-only port (see xds_server/auth/tls_front.py).
         relay_port = (
             grpc_server.add_insecure_port("127.0.0.1:0") if s.xds_tls_port is not None else None
@@ -241,8 +273,13 @@ class ControlPlane:
         async with contextlib.AsyncExitStack() as stack:
             await self._set_up_security(stack, relay_port)
             assert self.secrets is not None
-            await grpc_server.start()
-            stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
+            if xds_port is not None or relay_port is not None:
+                await grpc_server.start()
+                stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
+            if self.hub is not None:
+                stack.push_async_callback(self.hub.close)
+                xds_port = await self.hub.start(s.host, s.xds_port)
+            assert xds_port is not None
             ports = {"xds": xds_port}
             if self.tls_front is not None and s.xds_tls_port is not None:
                 ports["xds_tls"] = await self.tls_front.start(s.host, s.xds_tls_port)
@@ -270,6 +307,8 @@ class ControlPlane:
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
                 tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
                 tasks.create_task(self.loop_lag.run(), name="loop-lag")
+                if self.hub is not None:
+                    tasks.create_task(self.hub.run(), name="workers")
 
 
 def _host(host: str) -> str:

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 
 from mesh import xds
 from mesh.proxy import NodeIdError, Proxy, ProxyKind, proxy_from_node
-from xds_server.ads.cache import ConfigCache, GenerationError
+from xds_server.ads.cache import GenerationError, SnapshotSource
 from xds_server.ads.debounce import PushRequest
 from xds_server.ads.metrics import XdsMetrics
 from xds_server.ads.pushqueue import PushQueue
@@ -118,6 +118,15 @@ class Connection:
             self.wake_queued = True
             self.queue.put_nowait(_WAKE)
 
+    def sync_entry(self) -> dict[str, Any]:
+        """This stream's line of ``/debug/syncz``."""
+        status = self.state.sync_status()
+        return {
+            "node_id": self.proxy.node_id,
+            "mode": "delta" if self.delta else "sotw",
+            "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "node_id": self.proxy.node_id,
@@ -140,7 +149,7 @@ class XdsServer:
 
     def __init__(
         self,
-        cache: ConfigCache,
+        cache: SnapshotSource,
         metrics: XdsMetrics | None = None,
         settings: ServerSettings | None = None,
         authorizer: StreamAuthorizer | None = None,
@@ -154,6 +163,9 @@ class XdsServer:
         self.pushes = PushQueue(self.settings.max_concurrent_pushes)
         #: Called when the set of connected sidecars changes (endpoints address them).
         self.on_sidecars_changed: Callable[[], None] = lambda: None
+        #: Called when a stream is admitted and when it ends (a worker tells its primary).
+        self.on_stream_opened: Callable[[Connection], None] = lambda c: None
+        self.on_stream_closed: Callable[[Connection], None] = lambda c: None
         #: Called on every ACK with (connection, type_url, seconds from change to ACK).
         self.on_ack: Callable[[Connection, str, float | None], None] = lambda c, t, s: None
 
@@ -368,6 +380,7 @@ class XdsServer:
             ", proxyless" if proxy.proxyless else "",
             conn.peer,
         )
+        self.on_stream_opened(conn)
         self._refresh(conn)
         if proxy.kind is ProxyKind.SIDECAR and not proxy.proxyless:
             self.on_sidecars_changed()
@@ -378,6 +391,7 @@ class XdsServer:
         self.pushes.forget(conn)
         self.metrics.connected.labels("delta" if conn.delta else "sotw").dec()
         log.info("stream %d closed: %s", conn.id, conn.proxy.node_id)
+        self.on_stream_closed(conn)
         if conn.proxy.kind is ProxyKind.SIDECAR and not conn.proxy.proxyless:
             self.on_sidecars_changed()
 
@@ -394,6 +408,8 @@ class XdsServer:
             self.metrics.generation_failures.inc()
             log.error("stream %d keeps its last config: %s", conn.id, exc)
             return
+        if snapshot is None:
+            return  # not known yet: a worker's primary has not sent it
         conn.state.set_snapshot(snapshot, self.cache.change_ts)
 
     async def _handle(self, context: grpc.aio.ServicerContext, conn: Connection, req: Any) -> None:
