@@ -58,6 +58,8 @@ SCENARIOS = ("annotation", "endpoint", "certs", "restart")
 #: The type each scenario changes.
 CHANGED_TYPE = {"annotation": "RDS", "endpoint": "EDS", "certs": "SDS"}
 LAG = "inferlane_event_loop_lag_seconds"
+#: Longest line a client process may print: a report lists every response since a mark.
+REPORT_LIMIT = 1 << 30
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -203,6 +205,7 @@ async def synthetic_clients(
                 str(rate),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                limit=REPORT_LIMIT,
             )
             processes.append(ClientProcess(proc))
         await asyncio.gather(*(p.expect("connected", timeout) for p in processes))
