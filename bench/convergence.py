@@ -39,7 +39,7 @@ import grpc
 
 from bench.envoy import Envoy
 from bench.fleetbench import HEADER as FLEET_HEADER
-from bench.fleetbench import SCENARIOS, run_fleet
+from bench.fleetbench import SCENARIOS, percentile, run_fleet
 from bench.wait import eventually
 from mesh import xds as xds_types
 from mesh.manifests import load_world
@@ -60,14 +60,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def changed_world(world: World, step: int) -> World:

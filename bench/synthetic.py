@@ -106,7 +106,12 @@ class SyntheticStream:
         attempt = 0
         while True:
             try:
-                got = await (self._delta(stub) if self.proxy.delta else self._sotw(stub))
+                if self.proxy.delta:
+                    call = stub.DeltaAggregatedResources()
+                    got = await self._serve(call, self._delta_subscriptions())
+                else:
+                    call = stub.StreamAggregatedResources()
+                    got = await self._serve(call, self._sotw_subscriptions())
             except grpc.aio.AioRpcError:
                 got = False
                 self.record.failures += 1
@@ -122,48 +127,36 @@ class SyntheticStream:
             if len(self.seen) == len(self.types):
                 self.ready.set()
 
-    async def _sotw(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> bool:
-        call = stub.StreamAggregatedResources()
-        for req in self._sotw_subscriptions():
+    async def _serve(self, call: Any, subscriptions: list[Any]) -> bool:
+        """Subscribe, then ACK every response; whether any response came."""
+        for req in subscriptions:
             await call.write(req)
         got = False
-        while True:
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                return got
+        while (resp := await call.read()) is not grpc.aio.EOF:
             got = True
-            await call.write(
-                discovery_pb2.DiscoveryRequest(
-                    type_url=resp.type_url,
-                    version_info=resp.version_info,
-                    response_nonce=resp.nonce,
-                    resource_names=self.names.get(resp.type_url, []),
-                )
-            )
-            self.versions[resp.type_url] = resp.version_info
-            self._saw(resp.type_url, len(resp.resources), 0)
+            await call.write(self._ack(resp))
+        return got
 
-    async def _delta(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> bool:
-        call = stub.DeltaAggregatedResources()
-        for req in self._delta_subscriptions():
-            await call.write(req)
-        got = False
-        while True:
-            resp = await call.read()
-            if resp is grpc.aio.EOF:
-                return got
-            got = True
-            await call.write(
-                discovery_pb2.DeltaDiscoveryRequest(
-                    type_url=resp.type_url, response_nonce=resp.nonce
-                )
-            )
+    def _ack(self, resp: Any) -> Any:
+        """The ACK of one response, after recording what it carried."""
+        if self.proxy.delta:
             held = self.held.setdefault(resp.type_url, {})
             for res in resp.resources:
                 held[res.name] = res.version
             for name in resp.removed_resources:
                 held.pop(name, None)
             self._saw(resp.type_url, len(resp.resources), len(resp.removed_resources))
+            return discovery_pb2.DeltaDiscoveryRequest(
+                type_url=resp.type_url, response_nonce=resp.nonce
+            )
+        self.versions[resp.type_url] = resp.version_info
+        self._saw(resp.type_url, len(resp.resources), 0)
+        return discovery_pb2.DiscoveryRequest(
+            type_url=resp.type_url,
+            version_info=resp.version_info,
+            response_nonce=resp.nonce,
+            resource_names=self.names.get(resp.type_url, []),
+        )
 
 
 def load_plan(path: Path, part: int, parts: int) -> tuple[list[PlanProxy], dict[str, Any]]:
