@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +67,6 @@ class ServeSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     #: Seconds open streams get to finish on shutdown.
     shutdown_grace: float = 2.0
-    #: The first generation waits until no stream has opened for ``reconnect_quiet``
-    #: seconds, ``reconnect_max`` at most. Endpoints are addressed through connected
-    #: sidecars, so after a restart a generation computed before the proxies are back
-    #: would differ from what they hold and be sent to all of them, twice; Envoy keeps
-    #: serving its cached config meanwhile (FIELD-NOTES), and 10 s covers its reconnect
-    #: back-off of 0.5, 1, 2 and 4 s.
-    reconnect_quiet: float = 1.0
-    reconnect_max: float = 10.0
     security: SecuritySettings = field(default_factory=SecuritySettings)
     #: The global rate-limit service (its port: ``rls`` in the ports file) and adaptive
     #: limits. By default no service port, as for the TLS xDS port.
@@ -107,8 +98,6 @@ class ControlPlane:
         self.world: World | None = None
         self.debouncer = Debouncer(settings.debounce, self._flush)
         self.xds.on_sidecars_changed = lambda: self.debouncer.trigger(PushReason.PROXY)
-        self._started_at = self._last_open = time.monotonic()
-        self.xds.on_stream_opened = lambda _conn: self._stream_opened()
         #: The global rate-limit service and the adaptive loop; a limit change is a change.
         self.ratelimits = RateLimitRuntime(
             settings.ratelimit, on_change=lambda: self.debouncer.trigger(PushReason.ADAPTIVE)
@@ -121,7 +110,6 @@ class ControlPlane:
                 settings=settings.server,
                 authorizer=lambda: self.xds.authorizer,
                 on_sidecars_changed=lambda: self.debouncer.trigger(PushReason.PROXY),
-                on_stream_opened=self._stream_opened,
                 own_metrics=self.xds.metrics.registry,
             )
             if settings.workers > 1
@@ -185,8 +173,6 @@ class ControlPlane:
     async def _flush(self, push: PushRequest) -> None:
         if self.world is None:
             return
-        if not self.cache.ready:
-            await self._await_reconnects()
         # Endpoints are addressed through a sidecar (over mTLS) only if it can terminate
         # mTLS: it has a workload identity and so gets a certificate.
         connected = self.xds.sidecars()
@@ -214,21 +200,6 @@ class ControlPlane:
         count = self.secrets.rotate_all()
         log.warning("replacing all %d workload certificates now", count)
         return count
-
-    def _stream_opened(self) -> None:
-        self._last_open = time.monotonic()
-
-    async def _await_reconnects(self) -> None:
-        """Before the first generation: wait for the proxies that are reconnecting."""
-        s = self.settings
-        deadline = self._started_at + s.reconnect_max
-        while (now := time.monotonic()) < deadline:
-            quiet_until = self._last_open + s.reconnect_quiet
-            if now >= quiet_until:
-                break
-            await asyncio.sleep(min(quiet_until, deadline) - now)
-        count = len(self.xds.connections) + (len(list(self.hub.proxies())) if self.hub else 0)
-        log.info("first generation for %d connected proxies", count)
 
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
@@ -326,7 +297,6 @@ class ControlPlane:
                 s.ports_file.write_text(json.dumps(self.ports))
             if on_started is not None:
                 on_started(self.ports)
-            self._started_at = self._last_open = time.monotonic()
             self.started.set()
             # No task awaits grpc_server.wait_for_termination(): cancelling that await
             # cancels the server's own shutdown future, and stop(grace) then returns at once

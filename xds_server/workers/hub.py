@@ -128,14 +128,12 @@ class WorkerHub:
         authorizer: Callable[[], StreamAuthorizer],
         on_sidecars_changed: Callable[[], None],
         own_metrics: Any,
-        on_stream_opened: Callable[[], None] = lambda: None,
     ) -> None:
         self.count = count
         self.cache = cache
         self.settings = settings
         self.authorizer = authorizer
         self.on_sidecars_changed = on_sidecars_changed
-        self.on_stream_opened = on_stream_opened
         self.catalog = Catalog()
         self.metrics = SummedMetrics(own_metrics)
         self.registry = registry_of(self.metrics)
@@ -271,7 +269,6 @@ class WorkerHub:
             elif kind == "opened":
                 proxy: Proxy = message[2]
                 worker.streams[message[1]] = proxy
-                self.on_stream_opened()
                 if self.cache.ready:
                     await self._ship(worker, {message[1]: proxy}, complete=False)
                 if _is_sidecar(proxy):
