@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from datetime import timedelta
@@ -17,8 +18,30 @@ from xds_server.cli import args
 
 
 def default_workers() -> int:
-    """The cores this process may use (its CPU affinity, as a container's cpuset sets it)."""
-    return max(1, len(os.sched_getaffinity(0)))
+    """The cores this process may use: its CPU affinity (a container's cpuset), lowered to
+    its cgroup's CPU quota (a container's CPU limit), as Go's automaxprocs does."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 ``cpu.max``, or v1 CFS), or None."""
+    try:
+        quota, _, period = (root / "cpu.max").read_text().partition(" ")
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
