@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import statistics
@@ -122,10 +123,7 @@ def plan(fleet: Fleet) -> dict[str, Any]:
         }
     return {
         "names": names,
-        "proxies": [
-            {"node_id": p.node_id, "metadata": dict(p.metadata), "role": p.role, "delta": p.delta}
-            for p in fleet.proxies
-        ],
+        "proxies": [dataclasses.asdict(p) | {"metadata": dict(p.metadata)} for p in fleet.proxies],
     }
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from bench.fleet import FleetProxy
 from mesh import xds
 
 #: The order Envoy subscribes in.
@@ -41,15 +42,6 @@ ORDER = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.SECRET)
 #: Envoy's ADS retry back-off: jittered, base 500 ms, at most 30 s.
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
-
-
-@dataclass(frozen=True)
-class PlanProxy:
-    index: int
-    node_id: str
-    metadata: dict[str, str]
-    role: str
-    delta: bool
 
 
 @dataclass
@@ -61,7 +53,7 @@ class Recorder:
 
 
 class SyntheticStream:
-    def __init__(self, proxy: PlanProxy, names: dict[str, list[str]], record: Recorder) -> None:
+    def __init__(self, proxy: FleetProxy, names: dict[str, list[str]], record: Recorder) -> None:
         self.proxy = proxy
         self.names = names
         self.record = record
@@ -159,10 +151,10 @@ class SyntheticStream:
         )
 
 
-def load_plan(path: Path, part: int, parts: int) -> tuple[list[PlanProxy], dict[str, Any]]:
+def load_plan(path: Path, part: int, parts: int) -> tuple[list[FleetProxy], dict[str, Any]]:
     plan = json.loads(path.read_text())
     proxies = [
-        PlanProxy(i, p["node_id"], p["metadata"], p["role"], p["delta"])
+        FleetProxy(i, p["node_id"], p["metadata"], p["role"], p["delta"], p["namespace"], p["pod"])
         for i, p in enumerate(plan["proxies"])
         if i % parts == part
     ]

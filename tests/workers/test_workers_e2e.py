@@ -21,7 +21,8 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.synthetic import PlanProxy, Recorder, SyntheticStream
+from bench.fleet import FleetProxy
+from bench.synthetic import Recorder, SyntheticStream
 from mesh import xds
 from mesh.manifests import ManifestSource
 from mesh.proxy import proxy_from_node
@@ -151,7 +152,15 @@ class _Synthetic:
         self.record = Recorder()
         self.streams = [
             SyntheticStream(
-                PlanProxy(i, self.node_id(i), {"SERVICE_ACCOUNT": "client"}, "client", i % 2 == 1),
+                FleetProxy(
+                    i,
+                    self.node_id(i),
+                    {"SERVICE_ACCOUNT": "client"},
+                    "client",
+                    delta=i % 2 == 1,
+                    namespace="default",
+                    pod=f"client-{i}",
+                ),
                 names,
                 self.record,
             )
