@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from mesh import xds
 from mesh.model import World
 from mesh.proxy import Proxy
+from xds_server.ads.cache import GenerationError
 from xds_server.ads.server import XdsServer
 from xds_server.ads.snapshot import decode
 
@@ -151,7 +152,10 @@ class Admin:
         if conn is not None:
             snapshot = conn.state.snapshot
         elif remote is not None:
-            snapshot = self.xds.cache.snapshot_for(remote)
+            try:
+                snapshot = self.xds.cache.snapshot_for(remote)
+            except GenerationError as exc:
+                return _json({"error": str(exc)}, 500)
         else:
             return _json({"error": f"no connected proxy {node_id!r}"}, 404)
         resources = snapshot.resources if snapshot is not None else {}
