@@ -269,5 +269,41 @@ _ANNOTATIONS: dict[str, _Annotation] = {
     TIMEOUT: _Annotation("timeouts", _per_class(_parse_duration), empty_is_default=True),
 }
 
+# --- reading critical-callers entries -----------------------------------------------------
+
+_SPIFFE_SCHEME = "spiffe://"
+
+
+def entry_identity(entry: str) -> tuple[str, str] | None:
+    """``(namespace, service_account)`` of one critical-callers entry; None if malformed.
+
+    Accepts ``ns/sa``, ``ns/*`` (service account ``*``) and
+    ``spiffe://TRUST_DOMAIN/ns/NS/sa/SA`` (any trust domain: it is matched on its
+    namespace and service account).
+    """
+    entry = entry.strip()
+    if entry.startswith(_SPIFFE_SCHEME):
+        parts = entry[len(_SPIFFE_SCHEME) :].split("/")
+        if len(parts) != 5 or not parts[0] or parts[1] != "ns" or parts[3] != "sa":
+            return None
+        namespace, account = parts[2], parts[4]
+    else:
+        namespace, slash, account = entry.partition("/")
+        if not slash or "/" in account:
+            return None
+    if not namespace or not account:
+        return None
+    return namespace, account
+
+
+def caller_matches(entry: str, namespace: str, service_account: str) -> bool:
+    """Whether one critical-callers entry names the caller ``namespace/service_account``."""
+    identity = entry_identity(entry)
+    if identity is None:
+        return False
+    entry_ns, entry_sa = identity
+    return entry_ns == namespace and entry_sa in ("*", service_account)
+
+
 #: Every annotation this parser knows, for docs and debug pages.
 KNOWN_ANNOTATIONS: tuple[str, ...] = tuple(_ANNOTATIONS)

@@ -23,8 +23,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from mesh.annotations import ENABLED, parse_service_config
-from mesh.model import Endpoint, InferenceService, ServicePort, SourceError, Workload, World
+from mesh.annotations import ENABLED, PREFIX, parse_service_config
+from mesh.model import (
+    SIDECAR_CONTAINER,
+    AnnotationError,
+    Endpoint,
+    InferenceService,
+    ServicePort,
+    SourceError,
+    Workload,
+    World,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,8 @@ GPU_NODE_LABEL = "nvidia.com/gpu.present"
 DEFAULT_NAMESPACE = "default"
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 _QUANTITY = re.compile(r"\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+#: vLLM's flag for the sequences it runs at once; its parser takes ``_`` for ``-`` too.
+_MAX_NUM_SEQS_FLAGS = frozenset({"--max-num-seqs", "--max_num_seqs"})
 
 
 class Malformed(ValueError):
@@ -70,6 +81,8 @@ class _Pod:
     requests_gpu: bool
     #: Named container ports: name -> containerPort.
     named_ports: Mapping[str, int]
+    sidecar: bool
+    max_num_seqs: int | None
 
 
 @dataclass(frozen=True)
@@ -125,11 +138,7 @@ def build_world(objects: Iterable[object], *, source_errors: Iterable[SourceErro
         svc = inputs.services[key]
         config, annotation_errors = parse_service_config(svc.meta.annotations)
         if not config.enabled:
-            errors.extend(
-                SourceError(_describe("Service", svc.meta), f"not enabled: {err}")
-                for err in annotation_errors
-                if err.annotation == ENABLED
-            )
+            errors.extend(_not_enabled(svc.meta, annotation_errors))
             continue
         endpoints = (
             _slice_endpoints(svc, inputs.slices[key], inputs.pods, gpu_nodes)
@@ -153,6 +162,27 @@ def build_world(objects: Iterable[object], *, source_errors: Iterable[SourceErro
         workloads=MappingProxyType(workloads),
         source_errors=tuple(sorted(set(errors), key=lambda e: (e.source, e.message))),
     )
+
+
+def _not_enabled(meta: _Meta, annotation_errors: Sequence[AnnotationError]) -> list[SourceError]:
+    """Why a Service with ``inferlane.io/*`` annotations is not in the mesh, if it looks
+    unintended: a bad ``enabled`` value, or other annotations without ``enabled``."""
+    where = _describe("Service", meta)
+    found = [
+        SourceError(where, f"not enabled: {err}")
+        for err in annotation_errors
+        if err.annotation == ENABLED
+    ]
+    keys = [k for k in meta.annotations if isinstance(k, str) and k.startswith(PREFIX)]
+    if keys and ENABLED not in meta.annotations:
+        found.append(
+            SourceError(
+                where,
+                f'has {", ".join(sorted(keys))} but not {ENABLED}: "true"; they have no effect',
+                warning=True,
+            )
+        )
+    return found
 
 
 def flatten_lists(objects: Iterable[object]) -> Iterator[object]:
@@ -277,9 +307,16 @@ def _parse_pod(obj: Mapping[str, Any]) -> _Pod:
     )
     requests_gpu = False
     named_ports: dict[str, int] = {}
+    sidecar = False
+    max_num_seqs: int | None = None
+    for i, raw in enumerate(_list(spec.get("initContainers"), "spec.initContainers")):
+        init = _map(raw, f"spec.initContainers[{i}]")
+        sidecar = sidecar or init.get("name") == SIDECAR_CONTAINER
     for i, raw in enumerate(_list(spec.get("containers"), "spec.containers")):
         container = _map(raw, f"spec.containers[{i}]")
         requests_gpu = requests_gpu or _container_requests_gpu(container, i)
+        sidecar = sidecar or container.get("name") == SIDECAR_CONTAINER
+        max_num_seqs = max_num_seqs or _max_num_seqs(container)
         for j, raw_port in enumerate(_list(container.get("ports"), f"containers[{i}].ports")):
             port = _map(raw_port, f"containers[{i}].ports[{j}]")
             name = _str(port.get("name"), f"containers[{i}].ports[{j}].name")
@@ -298,7 +335,29 @@ def _parse_pod(obj: Mapping[str, Any]) -> _Pod:
         finished=phase in _FINISHED_PHASES,
         requests_gpu=requests_gpu,
         named_ports=MappingProxyType(named_ports),
+        sidecar=sidecar,
+        max_num_seqs=max_num_seqs,
     )
+
+
+def _max_num_seqs(container: Mapping[str, Any]) -> int | None:
+    """vLLM's ``--max-num-seqs N`` (or ``=N``) in a container's command or arguments."""
+    words = [
+        w
+        for key in ("command", "args")
+        if isinstance(container.get(key), list)
+        for w in container[key]
+        if isinstance(w, str)
+    ]
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag not in _MAX_NUM_SEQS_FLAGS:
+            continue
+        if not eq:
+            value = words[i + 1] if i + 1 < len(words) else ""
+        if _is_number(value) and int(value) > 0:
+            return int(value)
+    return None
 
 
 def _pod_ip(status: Mapping[str, Any]) -> str:
@@ -532,6 +591,8 @@ def _workload(pod: _Pod, gpu_nodes: frozenset[str]) -> Workload:
         labels=pod.meta.labels,
         gpu=pod.requests_gpu or pod.node_name in gpu_nodes,
         ready=pod.ready,
+        sidecar=pod.sidecar,
+        max_num_seqs=pod.max_num_seqs,
     )
 
 

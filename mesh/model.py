@@ -30,6 +30,9 @@ PRIORITIES: tuple[Priority, ...] = (Priority.CRITICAL, Priority.STANDARD, Priori
 #: The request header that names a request's class (value case-insensitive).
 PRIORITY_HEADER = "x-inference-priority"
 
+#: The name of the Envoy sidecar container ``inferlane inject`` adds to a Pod.
+SIDECAR_CONTAINER = "inferlane-proxy"
+
 
 class MtlsMode(enum.StrEnum):
     STRICT = "strict"
@@ -146,6 +149,12 @@ class Workload:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     gpu: bool = False
     ready: bool = False
+    #: The Pod runs inferlane's sidecar (a container or native sidecar named
+    #: :data:`SIDECAR_CONTAINER`). Whether it is *connected* is the control plane's to know.
+    sidecar: bool = False
+    #: The sequences one model server in the Pod runs at once, where its arguments say so
+    #: (vLLM's ``--max-num-seqs``); None when no container says.
+    max_num_seqs: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -158,6 +167,9 @@ class SourceError:
 
     source: str
     message: str
+    #: Something that works but probably not as meant (annotations that have no effect),
+    #: rather than an input that could not be used.
+    warning: bool = False
 
 
 @dataclass(frozen=True)

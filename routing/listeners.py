@@ -4,7 +4,8 @@ A sidecar gets ``virtualOutbound`` (its workload's outgoing calls) and ``virtual
 (calls into its workload); a gateway gets one listener on its gateway port. The builders
 take extra HTTP filters (placed before the router) and, for the inbound listener, a
 transport socket and filter chain match, so mTLS termination and rate-limit filters plug
-in without touching this module.
+in without touching this module. Outbound and gateway listeners log per-request stats
+(:mod:`routing.telemetry`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from mesh.proxy import Proxy
-from routing import names
+from routing import names, telemetry
 from routing.protos import ads_config_source, pack
 
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
@@ -98,6 +99,7 @@ def outbound_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
     manager = http_connection_manager(
         f"outbound_{proxy.outbound_port}", names.OUTBOUND_ROUTE, http_filters=http_filters
     )
+    manager.access_log.append(telemetry.request_stats_log())
     return socket_listener(
         names.OUTBOUND_LISTENER,
         proxy.bind_address,
@@ -141,6 +143,7 @@ def gateway_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
         http_filters=http_filters,
         use_remote_address=True,
     )
+    manager.access_log.append(telemetry.request_stats_log())
     return socket_listener(
         names.gateway_listener(proxy.bind_address, proxy.gateway_port),
         proxy.bind_address,

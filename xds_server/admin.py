@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import inspect
 import json
 import logging
 import socket
@@ -26,7 +27,7 @@ from mesh import xds
 from mesh.model import World
 from mesh.proxy import Proxy
 from xds_server.ads.cache import GenerationError
-from xds_server.ads.server import XdsServer
+from xds_server.ads.server import Connection, XdsServer
 from xds_server.ads.snapshot import decode
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Page:
     path: str
     description: str
+
+
+class PageError(Exception):
+    """Raised by a query page's data function: answered as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -119,6 +129,27 @@ class Admin:
 
         self.add_page(path, description, render)
 
+    def add_query_page(
+        self,
+        path: str,
+        description: str,
+        data: Callable[[Mapping[str, str]], Any | Awaitable[Any]],
+    ) -> None:
+        """A page showing ``data(query)`` (awaited if it is a coroutine); ``data`` raises
+        :class:`PageError` for a query it cannot answer (400 for a bad one, 404 for an
+        unknown object)."""
+
+        async def render(request: web.Request) -> web.Response:
+            try:
+                result = data(request.query)
+                if inspect.isawaitable(result):
+                    result = await result
+                return _json(result)
+            except PageError as exc:
+                return _json({"error": exc.message}, exc.status)
+
+        self.add_page(path, description, render)
+
     async def _index(self, request: web.Request) -> web.Response:
         pages = [{"path": p.path, "description": p.description} for p in self.pages]
         return _json({"pages": pages})
@@ -138,7 +169,7 @@ class Admin:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _syncz(self, request: web.Request) -> web.Response:
-        out = [c.sync_entry() for c in self.xds.connections.values()]
+        out = [sync_entry(c) for c in self.xds.connections.values()]
         if self.workers is not None:
             out += await self.workers.gather("syncz")
         return _json(sorted(out, key=lambda e: str(e["node_id"])))
@@ -181,6 +212,11 @@ class Admin:
         if self.workers is not None:
             out += await self.workers.gather("connections")
         return _json(out)
+
+
+def sync_entry(conn: Connection) -> dict[str, Any]:
+    """One proxy's ``/debug/syncz`` entry: per type, versions sent and acked, status, NACK."""
+    return conn.sync_entry()
 
 
 def plain(value: Any) -> Any:

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from mesh.model import World
 from mesh.proxy import Proxy
 from mesh.sources import WorldSource
 from mtls.identity import Identity, workload_identity
+from mtls.metrics import CertificateExpiry
+from mtls.publish import RootCertPublisher
 from mtls.secrets import SecretStore
 from mtls.store import load_ca
 from mtls.tokens import KubernetesTokenReviewer, TokenReviewer
@@ -45,6 +48,8 @@ from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
 from xds_server.auth.tls_front import TlsFront, server_ssl_context
+from xds_server.describer import DESCRIPTION as DESCRIBE_PAGE
+from xds_server.describer import Describer
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
 from xds_server.workers.hub import WorkerHub
 
@@ -80,7 +85,12 @@ class ControlPlane:
     """The running control plane: source -> world -> cache -> streams.
 
     ``tokens`` checks service-account tokens on the TLS port; by default a TokenReview
-    against the cluster when running with ``kubernetes``, and none otherwise.
+    against the cluster when running with ``kubernetes``, and none otherwise. ``kube_api``
+    is the Kubernetes ``ApiClient`` to use (the caller closes it); by default one is made
+    from the in-cluster config or the kubeconfig when something needs it.
+
+    With ``kubernetes``, the CA's root is published to every mesh namespace
+    (:mod:`mtls.publish`), so injected sidecars mount it instead of carrying a CA file.
     """
 
     def __init__(
@@ -89,10 +99,14 @@ class ControlPlane:
         source: WorldSource,
         *,
         tokens: TokenReviewer | None = None,
+        kube_api: Any | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
         self.tokens = tokens
+        self.kube_api = kube_api
+        #: Set up in run() when running against Kubernetes.
+        self.root_certs: RootCertPublisher | None = None
         self.cache = ConfigCache()
         self.xds = XdsServer(self.cache, settings=settings.server)
         self.world: World | None = None
@@ -102,6 +116,9 @@ class ControlPlane:
         self.ratelimits = RateLimitRuntime(
             settings.ratelimit, on_change=lambda: self.debouncer.trigger(PushReason.ADAPTIVE)
         )
+        #: Certificate expiry, read from the secret store at scrape time.
+        self.cert_metrics = CollectorRegistry()
+        self.cert_metrics.register(CertificateExpiry(lambda: self.secrets))
         #: The worker processes that serve the plaintext port (``--workers N``, N > 1).
         self.hub = (
             WorkerHub(
@@ -119,7 +136,7 @@ class ControlPlane:
             self.xds,
             world=lambda: self.world,
             ready=self._ready,
-            registries=(self.ratelimits.registry,),
+            registries=(self.ratelimits.registry, self.cert_metrics),
             workers=self.hub,
         )
         self.admin.add_json_page(
@@ -131,6 +148,16 @@ class ControlPlane:
             "/debug/certs",
             "the mesh CA's root and each served identity's certificate (no keys)",
             self._describe_certs,
+        )
+        self.admin.add_query_page(
+            "/debug/describe",
+            DESCRIBE_PAGE,
+            Describer(
+                self.xds,
+                lambda: self._generator,
+                self._adaptive_endpoints,
+                workers=self._workers_syncz if self.hub is not None else None,
+            ),
         )
         self.loop_lag = LoopLagProbe(self.xds.metrics.registry)
         self.ports: dict[str, int] = {}
@@ -151,6 +178,8 @@ class ControlPlane:
         first = self.world is None
         self.world = world  # the source logs each new annotation or input error once
         self.ratelimits.set_world(world)
+        if self.root_certs is not None:
+            self.root_certs.set_world(world)
         if first:
             log.info("first world loaded: %d inference services", len(world.services))
         self.debouncer.trigger(PushReason.WORLD)
@@ -201,6 +230,13 @@ class ControlPlane:
         log.warning("replacing all %d workload certificates now", count)
         return count
 
+    async def _workers_syncz(self) -> list[dict[str, Any]]:
+        return await self.hub.gather("syncz") if self.hub is not None else []
+
+    def _adaptive_endpoints(self) -> list[dict[str, Any]]:
+        endpoints: list[dict[str, Any]] = self.ratelimits.describe()["adaptive"]["endpoints"]
+        return endpoints
+
     def _describe_certs(self) -> dict[str, Any]:
         if self.secrets is None:
             return {"ready": False}
@@ -208,9 +244,12 @@ class ControlPlane:
         return {"ready": True, **self.secrets.describe(), "tls_handshakes_refused": refused}
 
     async def _kubernetes_api(self, stack: contextlib.AsyncExitStack) -> Any | None:
-        """An API client, when something needs one: the CA Secret or token reviews."""
+        """An API client, when something needs one: the CA Secret, token reviews or the
+        root certificate's ConfigMaps."""
         s = self.settings
-        if not s.security.ca_secret and not (s.kubernetes and self.tokens is None):
+        if self.kube_api is not None:
+            return self.kube_api
+        if not s.security.ca_secret and not s.kubernetes:
             return None
         from mesh.kube import new_api_client
 
@@ -237,6 +276,11 @@ class ControlPlane:
         tokens = self.tokens
         if tokens is None and api is not None and self.settings.kubernetes:
             tokens = KubernetesTokenReviewer(AuthenticationV1Api(api), sec.token_audience)
+        if api is not None and self.settings.kubernetes:
+            secrets = self.secrets
+            self.root_certs = RootCertPublisher(CoreV1Api(api), lambda: secrets.trust_bundle_pem)
+            if self.world is not None:
+                self.root_certs.set_world(self.world)
         if relay_port is not None:
             names = list(dict.fromkeys([*sec.server_names, self.settings.host]))
             names = [n for n in names if n not in ("", "0.0.0.0", "::")]
@@ -309,6 +353,8 @@ class ControlPlane:
                 tasks.create_task(self.loop_lag.run(), name="loop-lag")
                 if self.hub is not None:
                     tasks.create_task(self.hub.run(), name="workers")
+                if self.root_certs is not None:
+                    tasks.create_task(self.root_certs.run(), name="root-cert-publisher")
 
 
 def _host(host: str) -> str:

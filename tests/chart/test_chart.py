@@ -8,6 +8,7 @@ it and review the diff:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -34,6 +35,9 @@ from tests.chart.render import (
 from xds_server.cli import build_parser
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "default.yaml"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "charts" / "inferlane" / "dashboards" / "inferlane.json"
+)
 UPDATE_ENV = "INFERLANE_UPDATE_SNAPSHOTS"
 
 #: SPEC.md "The control plane's ports".
@@ -91,6 +95,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "settings": {
         "config": {
             "logLevel": "debug",
+            "logFormat": "json",
             "trustDomain": "mesh.example.org",
             "certificateTTLSeconds": 3600,
             "debounceQuietSeconds": 0.25,
@@ -100,6 +105,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "terminationGracePeriodSeconds": 10,
     },
     "names": {"fullnameOverride": "mesh-cp", "namespace": "mesh-system"},
+    "dashboard": {
+        "grafanaDashboard": {
+            "enabled": True,
+            "namespace": "monitoring",
+            "annotations": {"grafana_folder": "Mesh"},
+        }
+    },
 }
 
 
@@ -245,6 +257,7 @@ def expanded_args(objects: list[Obj]) -> list[str]:
 def test_settings_flow_from_the_configmap_to_the_arguments() -> None:
     args = expanded_args(render(VALUE_SETS["settings"]))
     assert "--log-level=debug" in args
+    assert "--log-format=json" in args
     assert "--trust-domain=mesh.example.org" in args
     assert "--cert-ttl=3600" in args
     assert "--debounce-quiet=0.25" in args
@@ -271,6 +284,19 @@ def test_the_cli_understands_the_container_arguments() -> None:
     assert parsed.rls_port == 8081
     assert parsed.ca_secret == f"{RELEASE}-ca"
     assert parsed.trust_domain == "cluster.local"
+
+
+def test_the_dashboard_is_off_by_default_and_loadable_by_grafana() -> None:
+    assert "ConfigMap" not in {
+        o["kind"] for o in render() if o["metadata"]["name"].endswith("-dashboard")
+    }
+    objects = render(VALUE_SETS["dashboard"])
+    (config_map,) = [o for o in objects if o["metadata"]["name"] == f"{RELEASE}-dashboard"]
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "Mesh"}
+    (text,) = config_map["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
 
 
 def test_existing_ca_secret_is_only_read() -> None:
@@ -326,6 +352,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"ca": {"existingSecert": "x"}}, "existingSecert"),
     ({"config": {"loglevel": "debug"}}, "loglevel"),
     ({"config": {"logLevel": "verbose"}}, "logLevel"),
+    ({"config": {"logFormat": "yaml"}}, "logFormat"),
+    ({"grafanaDashboard": {"enable": True}}, "enable"),
     ({"config": {"trustDomain": "Not A Domain"}}, "trustDomain"),
     ({"image": {"tag": "1", "registry": "x"}}, "registry"),
     ({"resources": {"request": {"cpu": 1}}}, "request"),

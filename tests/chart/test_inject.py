@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -29,12 +30,16 @@ from hypothesis import strategies as st
 from bench.wait import eventually
 from mesh.proxy import ProxyKind, proxy_from_node
 from mtls.ca import CertificateAuthority
+from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
 from tests.chart.render import Obj, validate
+from tests.e2e.harness import free_port
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
 from xds_server.cli import main
 from xds_server.sidecar.inject import (
+    CA_PATH,
+    CA_VOLUME,
     SIDECAR_NAME,
     TEMPLATE_PATHS,
     TOKEN_DIR,
@@ -58,7 +63,14 @@ def ca() -> CertificateAuthority:
 
 
 @pytest.fixture(scope="module")
-def opts(ca: CertificateAuthority) -> InjectOptions:
+def opts() -> InjectOptions:
+    """The default: the sidecar mounts the root certificate's ConfigMap."""
+    return InjectOptions()
+
+
+@pytest.fixture(scope="module")
+def inline(ca: CertificateAuthority) -> InjectOptions:
+    """``--ca-file``: the root inlined in every sidecar's bootstrap."""
     return InjectOptions(ca_pem=ca.trust_bundle_pem.decode())
 
 
@@ -136,7 +148,10 @@ def test_every_pod_template_gets_one_sidecar(opts: InjectOptions) -> None:
             assert original is not None
             assert spec["containers"] == original["spec"]["containers"]
             assert spec["initContainers"][1:] == original["spec"].get("initContainers", [])
-            assert [v["name"] for v in spec["volumes"]][-1] == TOKEN_VOLUME
+            original_volumes = original["spec"].get("volumes", [])
+            assert spec["volumes"][: len(original_volumes)] == original_volumes
+            added = [v["name"] for v in spec["volumes"][len(original_volumes) :]]
+            assert added == [TOKEN_VOLUME, CA_VOLUME]
 
 
 def test_output_is_valid_kubernetes(opts: InjectOptions) -> None:
@@ -206,12 +221,39 @@ def test_the_token_is_projected_for_inferlane_only(opts: InjectOptions) -> None:
     token = source["serviceAccountToken"]
     assert token["audience"] == TOKEN_AUDIENCE == "inferlane"
     (sidecar,) = sidecars(deployment["spec"]["template"])
-    (mount,) = sidecar["volumeMounts"]
-    assert (mount["name"], mount["readOnly"]) == (TOKEN_VOLUME, True)
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == TOKEN_VOLUME]
+    assert mount["readOnly"] is True
     assert f"{mount['mountPath']}/{token['path']}" == TOKEN_PATH
     assert mount["mountPath"] == TOKEN_DIR
     # The app containers do not see the token.
     assert all("volumeMounts" not in c for c in spec["containers"])
+
+
+def test_the_root_certificate_comes_from_the_published_configmap(
+    opts: InjectOptions, inline: InjectOptions
+) -> None:
+    """Istio's convention: no CA in the manifests; the control plane keeps the ConfigMap."""
+    deployment = next(o for o in load(injected(WORKLOADS, opts)) if o.get("kind") == "Deployment")
+    template = deployment["spec"]["template"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == CA_VOLUME]
+    assert volume == {"name": CA_VOLUME, "configMap": {"name": CONFIGMAP_NAME}}
+    assert CONFIGMAP_NAME == "inferlane-ca-root-cert"
+    (sidecar,) = sidecars(template)
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == CA_VOLUME]
+    assert mount["readOnly"] is True
+    assert f"{mount['mountPath']}/{ROOT_CERT_KEY}" == CA_PATH
+    grpc_config = config_of(sidecar_args(opts))["dynamic_resources"]["ads_config"]["grpc_services"][
+        0
+    ]["google_grpc"]
+    assert grpc_config["channel_credentials"]["ssl_credentials"]["root_certs"] == {
+        "filename": CA_PATH
+    }
+    # With --ca-file, the root is inlined and nothing is mounted for it.
+    inline_config = config_of(sidecar_args(inline))["dynamic_resources"]["ads_config"]
+    root = inline_config["grpc_services"][0]["google_grpc"]["channel_credentials"]
+    assert root["ssl_credentials"]["root_certs"] == {"inline_string": inline.ca_pem}
+    inline_dep = next(o for o in load(injected(WORKLOADS, inline)) if o.get("kind") == "Deployment")
+    assert CA_VOLUME not in {v["name"] for v in inline_dep["spec"]["template"]["spec"]["volumes"]}
 
 
 # --- the bootstrap, as the kubelet runs it -------------------------------------------------
@@ -270,8 +312,6 @@ def test_bootstrap_names_the_pod_and_its_identity(opts: InjectOptions) -> None:
     (service,) = config["dynamic_resources"]["ads_config"]["grpc_services"]
     grpc_config = service["google_grpc"]
     assert grpc_config["target_uri"] == f"{XDS_HOST}:15012"
-    root = grpc_config["channel_credentials"]["ssl_credentials"]["root_certs"]["inline_string"]
-    assert root == opts.ca_pem
     override = grpc_config["channel_args"]["args"]["grpc.ssl_target_name_override"]
     assert override["string_value"] in DEFAULT_SERVER_NAMES
     (credentials,) = grpc_config["call_credentials"]
@@ -282,10 +322,20 @@ def test_bootstrap_names_the_pod_and_its_identity(opts: InjectOptions) -> None:
 
 
 @pytest.mark.envoy
-def test_bootstrap_passes_envoy_validation(opts: InjectOptions) -> None:
+def test_bootstrap_passes_envoy_validation(
+    opts: InjectOptions, ca: CertificateAuthority, tmp_path: Path
+) -> None:
     envoy = require_envoy()
+    args = sidecar_args(opts)
+    config = config_of(args)
+    grpc_config = config["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]
+    # Envoy reads the root at start, as the kubelet will have mounted it: put it there.
+    (tmp_path / ROOT_CERT_KEY).write_bytes(ca.trust_bundle_pem)
+    grpc_config["channel_credentials"]["ssl_credentials"]["root_certs"]["filename"] = str(
+        tmp_path / ROOT_CERT_KEY
+    )
     done = subprocess.run(
-        [envoy, "--mode", "validate", *sidecar_args(opts)],
+        [envoy, "--mode", "validate", *with_config(args, config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -326,16 +376,22 @@ async def tls_ads_server(ca: CertificateAuthority, recorder: AdsRecorder) -> Asy
 
 
 @pytest.mark.envoy
+@pytest.mark.parametrize("root", ["mounted", "inline"])
 async def test_envoy_sends_the_token_over_tls(
-    opts: InjectOptions, ca: CertificateAuthority, tmp_path: Path
+    root: str,
+    opts: InjectOptions,
+    inline: InjectOptions,
+    ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
-    """The injected Envoy dials TLS, checks the server's name and CA, and sends the token."""
+    """The injected Envoy dials TLS, checks the server's name and CA (read from the mounted
+    ConfigMap's file, or inline with --ca-file), and sends the token."""
     envoy = require_envoy()
     token = "eyJhbGciOiJSUzI1NiJ9.test-token.signature"
     (tmp_path / "token").write_text(token)
     recorder = AdsRecorder()
     async with tls_ads_server(ca, recorder) as port:
-        args = sidecar_args(opts)
+        args = sidecar_args(opts if root == "mounted" else inline)
         config = config_of(args)
         # Only what a test host needs: the Service's address, the token's place, the
         # admin port. TLS settings, server name and credentials stay as injected.
@@ -343,7 +399,32 @@ async def test_envoy_sends_the_token_over_tls(
         grpc_config["target_uri"] = f"127.0.0.1:{port}"
         plugin = grpc_config["call_credentials"][0]["from_plugin"]["typed_config"]
         plugin["secret_data"]["filename"] = str(tmp_path / "token")
-        config["admin"]["address"]["socket_address"]["port_value"] = 0
+        roots = grpc_config["channel_credentials"]["ssl_credentials"]["root_certs"]
+        if root == "mounted":  # where the kubelet would mount the ConfigMap's key
+            (tmp_path / ROOT_CERT_KEY).write_bytes(ca.trust_bundle_pem)
+            assert roots == {"filename": CA_PATH}
+            roots["filename"] = str(tmp_path / ROOT_CERT_KEY)
+        # Ports free on this host, in place of the pod's own 15000 and 15090.
+        admin_port, stats_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+        static = config["static_resources"]
+        (stats_cluster,) = static["clusters"]
+        stats_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"
+        ]["port_value"] = admin_port
+        (stats_listener,) = static["listeners"]
+        assert stats_listener["address"]["socket_address"] == {
+            "address": "0.0.0.0",
+            "port_value": 15090,
+        }
+        stats_listener["address"]["socket_address"] = {
+            "address": "127.0.0.1",
+            "port_value": stats_port,
+        }
+        # This ADS server answers nothing: do not wait Envoy's default 15 s for it before
+        # the listeners accept.
+        for source in ("cds_config", "lds_config"):
+            config["dynamic_resources"][source]["initial_fetch_timeout"] = "0.2s"
         proc = await asyncio.create_subprocess_exec(
             envoy,
             *with_config(args, config),
@@ -360,6 +441,19 @@ async def test_envoy_sends_the_token_over_tls(
                 return bool(recorder.nodes)
 
             await eventually(connected, timeout=20, what="Envoy's first ADS request")
+            # Prometheus scrapes the stats from outside the pod; the rest of the admin
+            # interface is not reachable that way.
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{stats_port}"
+
+                async def scraped() -> str:
+                    async with session.get(base + "/stats/prometheus") as response:
+                        return await response.text() if response.status == 200 else ""
+
+                stats = await eventually(scraped, timeout=20, what="stats on the 15090 listener")
+                assert "envoy_server_live" in stats
+                async with session.get(base + "/config_dump") as response:
+                    assert response.status == 404
         finally:
             proc.kill()
             await proc.wait()
@@ -404,16 +498,20 @@ def test_bad_input_names_the_document(text: str, message: str, opts: InjectOptio
 
 
 def test_cli_prints_manifests_or_errors(
-    opts: InjectOptions, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    opts: InjectOptions, inline: InjectOptions, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert inline.ca_pem is not None
     ca_file = tmp_path / "ca.crt"
-    ca_file.write_text(opts.ca_pem)
+    ca_file.write_text(inline.ca_pem)
     manifests = tmp_path / "app.yaml"
     manifests.write_text(WORKLOADS)
     assert main(["inject", "-f", str(manifests), "--ca-file", str(ca_file)]) == 0
     out, err = capsys.readouterr()
-    assert out == injected(WORKLOADS, opts)
+    assert out == injected(WORKLOADS, inline)
     assert "not injected: Pod apps/legacy" in err
+    # No CA file needed: the sidecars mount the published root.
+    assert main(["inject", "-f", str(manifests)]) == 0
+    assert capsys.readouterr().out == injected(WORKLOADS, opts)
 
     manifests.write_text(POD + "---\n- not an object\n")
     assert main(["inject", "-f", str(manifests), "--ca-file", str(ca_file)]) == 1
@@ -430,13 +528,14 @@ def test_cli_prints_manifests_or_errors(
 
 
 def test_cli_reads_stdin_and_honours_options(
-    opts: InjectOptions,
+    inline: InjectOptions,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    assert inline.ca_pem is not None
     ca_file = tmp_path / "ca.crt"
-    ca_file.write_text(opts.ca_pem)
+    ca_file.write_text(inline.ca_pem)
     monkeypatch.setattr("sys.stdin", io.StringIO(POD))
     argv = ["inject", "-f", "-", "--ca-file", str(ca_file), "--xds", "cp.mesh.svc:443"]
     argv += ["--server-name", "istiod.mesh.svc", "--delta", "--image", "example.com/envoy:1"]

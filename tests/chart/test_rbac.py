@@ -3,16 +3,19 @@
 "The calls the code makes" is found two ways, so that the chart and the code cannot drift:
 
 1. recorded: the Kubernetes source (mesh/kube.py) runs against the fake API server until it
-   has listed, watched and posted an Event, and the CA store (mtls/store.py) runs against the
-   fake Secrets server, with the CA Secret name the chart passes, until it has read and
-   created it. Every HTTP request becomes (apiGroup, resource, verb).
+   has listed, watched and posted an Event; the root certificate's publisher
+   (mtls/publish.py) until it has read, created and updated its ConfigMap; and the CA store
+   (mtls/store.py) runs against the fake Secrets server, with the CA Secret name the chart
+   passes, until it has read and created it. Every HTTP request becomes (apiGroup,
+   resource, verb).
 2. referenced: every method of the kubernetes client's API classes that the shipped packages
    name (as an attribute, or as a string as mesh/kube.py's RESOURCES does) becomes
    (apiGroup, resource, verb) from the request path and HTTP method the client itself uses.
    This also covers calls no test here drives, such as the TLS port's TokenReview.
 
 Every permission needed must be granted, and every permission granted must be needed. The
-CA Secret is the only namespaced grant (a Role), and reading it is limited to its name.
+CA Secret is the only namespaced grant (a Role), and reading it is limited to its name; so
+are reading and updating the root certificate's ConfigMaps.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from aiohttp import web
 from kubernetes.aio import client
 
 from bench.wait import eventually
+from mesh.build import build_world
 from mesh.kube import KubernetesSource, WatchSettings
 from mesh.sources import LatestWorld
+from mtls.ca import CertificateAuthority
+from mtls.publish import CONFIGMAP_NAME, RootCertPublisher
 from mtls.store import load_or_create_shared_ca
 from tests.chart.render import NAMESPACE, Obj, one, render
 from tests.mesh.fake_apiserver import FakeApiServer
@@ -126,6 +132,26 @@ async def record_kubernetes_source() -> list[Call]:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await api.close()
+        await fake.stop()
+    calls = [call_of(r.method, r.path, r.query) for r in fake.requests]
+    return [c for c in calls if c is not None]
+
+
+async def record_root_cert_publisher() -> list[Call]:
+    """Run the publisher until it has created a ConfigMap, then updated it for a new root."""
+    fake = FakeApiServer()
+    await fake.start()
+    api: Any = client.ApiClient(configuration=client.Configuration(host=fake.url))
+    roots = [CertificateAuthority.generate().trust_bundle_pem]
+    try:
+        publisher = RootCertPublisher(client.CoreV1Api(api), lambda: roots[-1])
+        publisher.set_world(build_world([service("llama")]))
+        assert await publisher.reconcile() == 1
+        roots.append(CertificateAuthority.generate().trust_bundle_pem)
+        publisher.root_changed()
+        await publisher.reconcile()
+    finally:
         await api.close()
         await fake.stop()
     calls = [call_of(r.method, r.path, r.query) for r in fake.requests]
@@ -254,7 +280,8 @@ def recorded() -> list[Call]:
     async def both() -> list[Call]:
         kube = await record_kubernetes_source()
         store = await record_ca_store(NAMESPACE, ca_secret_name(objects))
-        return [*kube, *store]
+        published = await record_root_cert_publisher()
+        return [*kube, *store, *published]
 
     return asyncio.run(both())
 
@@ -267,6 +294,8 @@ def test_recorded_calls_are_the_expected_kinds(recorded: list[Call]) -> None:
     assert Permission("", "events", "create") in perms
     assert Permission("", "secrets", "get") in perms
     assert Permission("", "secrets", "create") in perms
+    assert Permission("", "configmaps", "get") in perms
+    assert Permission("", "configmaps", "create") in perms
 
 
 def test_referenced_client_methods_map_to_calls() -> None:
@@ -302,6 +331,12 @@ def test_only_the_ca_secret_is_namespaced_and_named(recorded: list[Call]) -> Non
     (get_rule,) = [r for r in role["rules"] if "get" in r["verbs"]]
     assert get_rule["resourceNames"] == [secret]
     assert role["metadata"]["namespace"] == NAMESPACE
+    configmaps = [c for c in recorded if c.permission.resource == "configmaps"]
+    assert {c.name for c in configmaps if c.permission.verb != "create"} == {CONFIGMAP_NAME}
+    (named,) = [
+        r for r in cluster_role["rules"] if "configmaps" in r["resources"] and "get" in r["verbs"]
+    ]
+    assert named["resourceNames"] == [CONFIGMAP_NAME]
     binding = one(objects, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     cluster_binding = one(objects, "ClusterRoleBinding")

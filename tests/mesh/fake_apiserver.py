@@ -11,7 +11,10 @@ official ``kubernetes.aio`` client and its watch helper) works against it:
 - a watch from before the compaction point gets an ERROR event with code 410 (Expired);
 - ``timeoutSeconds`` ends a watch cleanly; ``allowWatchBookmarks`` adds BOOKMARK events;
 - ``labelSelector`` in its equality forms (``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``);
-- POST creates an object (409 AlreadyExists if the name is taken).
+- POST creates an object (409 AlreadyExists if the name is taken);
+- GET of one object by name (404 NotFound), and PUT replaces one: its
+  ``metadata.resourceVersion`` must be the stored one (409 Conflict otherwise), as the
+  real API server's optimistic concurrency requires.
 
 ResourceVersions come from one counter, as etcd's revision does, so they rise
 monotonically across all resources. Tests drive it with :meth:`put`, :meth:`delete`,
@@ -49,6 +52,7 @@ KINDS: tuple[_Kind, ...] = (
     _Kind("Pod", "v1", "/api/v1", "pods"),
     _Kind("Node", "v1", "/api/v1", "nodes", namespaced=False),
     _Kind("Event", "v1", "/api/v1", "events"),
+    _Kind("ConfigMap", "v1", "/api/v1", "configmaps"),
     _Kind("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1", "endpointslices"),
 )
 _BY_KIND = {k.kind: k for k in KINDS}
@@ -111,6 +115,8 @@ class FakeApiServer:
                 namespaced = f"{kind.prefix}/namespaces/{{namespace}}/{kind.plural}"
                 app.router.add_get(namespaced, self._get)
                 app.router.add_post(namespaced, self._post)
+                app.router.add_get(namespaced + "/{name}", self._get_one)
+                app.router.add_put(namespaced + "/{name}", self._put)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -223,8 +229,42 @@ class FakeApiServer:
         return response
 
     def _kind_of(self, request: web.Request) -> _Kind:
-        plural = request.path.rsplit("/", 1)[-1]
+        parts = request.path.split("/")
+        plural = parts[-2] if "name" in request.match_info else parts[-1]
         return next(k for k in KINDS if k.plural == plural and request.path.startswith(k.prefix))
+
+    def _stored(self, request: web.Request) -> tuple[_Kind, tuple[str, str], JsonObject | None]:
+        kind = self._kind_of(request)
+        key = (request.match_info["namespace"], request.match_info["name"])
+        return kind, key, self._objects.get(kind.kind, {}).get(key)
+
+    async def _get_one(self, request: web.Request) -> web.Response:
+        kind, key, obj = self._stored(request)
+        if obj is None:
+            return _status(404, "NotFound", f'{kind.plural} "{key[1]}" not found')
+        return web.json_response({"kind": kind.kind, "apiVersion": kind.api_version, **obj})
+
+    async def _put(self, request: web.Request) -> web.Response:
+        kind, key, obj = self._stored(request)
+        if obj is None:
+            return _status(404, "NotFound", f'{kind.plural} "{key[1]}" not found')
+        try:
+            body = await request.json()
+        except ValueError:
+            return _status(400, "BadRequest", "body is not JSON")
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        if not isinstance(meta, dict) or meta.get("name") != key[1]:
+            return _status(400, "BadRequest", "metadata.name must match the URL")
+        if meta.get("resourceVersion") != obj["metadata"]["resourceVersion"]:
+            message = (
+                f'Operation cannot be fulfilled on {kind.plural} "{key[1]}": the object has '
+                "been modified; please apply your changes to the latest version and try again"
+            )
+            return _status(409, "Conflict", message)
+        meta["namespace"] = key[0]
+        body["kind"] = kind.kind
+        stored = await self.put(body)
+        return web.json_response({"kind": kind.kind, "apiVersion": kind.api_version, **stored})
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         kind = self._kind_of(request)

@@ -46,13 +46,20 @@ def pod(
     resources: Mapping[str, Any] | None = None,
     ports: Sequence[Mapping[str, Any]] = (),
     phase: str = "Running",
+    args: Sequence[str] = (),
+    sidecar: bool = False,
 ) -> Obj:
     container: Obj = {"name": "main", "image": "example.com/app:1"}
     if resources is not None:
         container["resources"] = dict(resources)
     if ports:
         container["ports"] = [dict(p) for p in ports]
+    if args:
+        container["args"] = list(args)
     spec: Obj = {"containers": [container]}
+    if sidecar:  # as inferlane inject adds it: a native sidecar
+        proxy = {"name": "inferlane-proxy", "image": "envoyproxy/envoy", "restartPolicy": "Always"}
+        spec["initContainers"] = [proxy]
     if node:
         spec["nodeName"] = node
     if service_account is not None:

@@ -52,6 +52,9 @@ ENVOY_IPS = ("127.0.41.10", "127.0.41.11")
 LLAMA = "llama.default.svc.cluster.local:8000"
 #: Synthetic client sidecars beside the Envoys: the load a killed worker drops.
 SYNTHETIC = 60
+#: Their connections. The kernel picks a worker per connection: with 20, the chance that
+#: one worker gets none is 2 in a million.
+CHANNELS = 20
 
 
 def _manifests(path: Path, backend_port: int) -> None:
@@ -170,7 +173,7 @@ class _Synthetic:
             grpc.aio.insecure_channel(
                 f"127.0.0.1:{plane.ports['xds']}", options=[("grpc.use_local_subchannel_pool", 1)]
             )
-            for _ in range(6)
+            for _ in range(CHANNELS)
         ]
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -180,7 +183,7 @@ class _Synthetic:
 
     async def start(self) -> None:
         for i, stream in enumerate(self.streams):
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channels[i % 6])
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channels[i % CHANNELS])
             self.tasks.append(asyncio.create_task(stream.run(stub)))
         await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in self.streams)), 60)
 

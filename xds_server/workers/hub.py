@@ -277,6 +277,9 @@ class WorkerHub:
                 gone = worker.streams.pop(message[1], None)
                 if gone is not None and _is_sidecar(gone):
                     self.on_sidecars_changed()
+            elif kind == "log":
+                record = logging.makeLogRecord(message[1])
+                logging.getLogger(record.name).handle(record)
             elif kind == "reply":
                 future = worker.replies.get(message[1])
                 if future is not None and not future.done():

@@ -9,6 +9,7 @@ worker -> primary
   ("opened", stream_id, proxy)           an admitted stream
   ("closed", stream_id)
   ("reply", request_id, data)            an answer to "request"
+  ("log", record)                        a log record's fields, for the primary's log
 
 primary -> worker
   ("admitted", request_id, proxy_or_refusal)

@@ -125,6 +125,30 @@ def peer_context(peer: str) -> grpc.aio.ServicerContext:
     return cast(grpc.aio.ServicerContext, _PeerContext(peer))
 
 
+class ForwardLogs(logging.Handler):
+    """Sends this worker's log records to the primary, which writes them with its own
+    handlers: one log, in the format the command was given, with each record's worker."""
+
+    def __init__(self, index: int, outbox: asyncio.Queue[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.index = index
+        self.outbox = outbox
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = {
+            "name": record.name,
+            "levelno": record.levelno,
+            "levelname": record.levelname,
+            "msg": f"[worker {self.index}] {record.getMessage()}",
+            "exc_text": logging.Formatter().formatException(record.exc_info)
+            if record.exc_info
+            else None,
+            "worker": self.index,
+        }
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, ("log", entry))
+
+
 class Worker:
     def __init__(self, index: int, channel: Channel, settings: ServerSettings) -> None:
         self.index = index
@@ -134,24 +158,24 @@ class Worker:
         self.xds.on_stream_opened = self._opened
         self.xds.on_stream_closed = self._closed
         self.lag = LoopLagProbe(self.xds.metrics.registry, f"worker-{index}")
-        self._outbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._answers: dict[int, asyncio.Future[Proxy | Refusal]] = {}
         self._requests = 0
 
     def _opened(self, conn: Connection) -> None:
         self.snapshots.opened(conn)
-        self._outbox.put_nowait(("opened", conn.id, conn.proxy))
+        self.outbox.put_nowait(("opened", conn.id, conn.proxy))
 
     def _closed(self, conn: Connection) -> None:
         self.snapshots.closed(conn)
-        self._outbox.put_nowait(("closed", conn.id))
+        self.outbox.put_nowait(("closed", conn.id))
 
     async def admit(self, proxy: Proxy, peer: str) -> Proxy | Refusal:
         self._requests += 1
         request = self._requests
         answer: asyncio.Future[Proxy | Refusal] = asyncio.get_running_loop().create_future()
         self._answers[request] = answer
-        self._outbox.put_nowait(("admit", request, proxy, peer))
+        self.outbox.put_nowait(("admit", request, proxy, peer))
         try:
             return await answer
         finally:
@@ -159,7 +183,7 @@ class Worker:
 
     async def _send_loop(self) -> None:
         while True:
-            await self.channel.send(await self._outbox.get())
+            await self.channel.send(await self.outbox.get())
 
     def _answer(self, what: str) -> Any:
         conns = list(self.xds.connections.values())
@@ -189,7 +213,7 @@ class Worker:
                 if future is not None and not future.done():
                     future.set_result(message[2])
             elif kind == "request":
-                self._outbox.put_nowait(("reply", message[1], self._answer(message[2])))
+                self.outbox.put_nowait(("reply", message[1], self._answer(message[2])))
         log.info("worker %d: the primary has gone; stopping", self.index)
 
     async def run(self, host: str, port: int) -> None:
@@ -232,6 +256,9 @@ async def _main(args: argparse.Namespace) -> None:
         max_concurrent_pushes=args.max_concurrent_pushes, max_request_bytes=args.max_request_bytes
     )
     worker = Worker(args.index, Channel(reader, writer), settings)
+    root = logging.getLogger()
+    root.handlers = [ForwardLogs(args.index, worker.outbox)]
+    root.setLevel(args.log_level.upper())
     with contextlib.suppress(asyncio.CancelledError):
         await worker.run(args.host, args.port)
 
@@ -247,12 +274,7 @@ def main() -> None:
     )
     p.add_argument("--max-request-bytes", type=int, default=ServerSettings.max_request_bytes)
     p.add_argument("--log-level", default="info")
-    args = p.parse_args()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{args.index} %(name)s: %(message)s",
-    )
-    asyncio.run(_main(args))
+    asyncio.run(_main(p.parse_args()))
 
 
 if __name__ == "__main__":
