@@ -1,18 +1,20 @@
 """Convergence: the time from a config change until every proxy has ACKed it.
 
-``python -m bench.convergence`` runs the control plane in this process and, side by side
-in one run:
+``python -m bench.convergence`` runs, one after the other:
 
-* 10 and 50 real Envoys (``--concurrency 1``, ``--use-dynamic-base-id``), SotW ADS;
-* 1,000 and 10,000 synthetic SotW streams from a separate process (``bench.synthetic``),
-  opened staggered.
+* 10 and 50 real Envoys (``--concurrency 1``, ``--use-dynamic-base-id``, SotW ADS) on
+  ``examples/cluster``, with the control plane in this process. Each change moves an
+  inference Service's per-class timeout, which changes every proxy's routes; the clock
+  starts when the change is installed (after the debouncer), and each proxy's ACK is
+  timed by the server (the ``inferlane_xds_convergence_seconds`` path).
+* The realistic fleet (``bench.fleetbench``): ``--fleet`` proxies shaped like a cluster
+  (``bench.fleet``), served by ``inferlane serve --workers W`` in its own processes, for
+  each ``--workers`` value side by side; each change is timed from its input (a file
+  written, a signal) to each proxy's ACK, so the source and the debounce are inside.
 
-Each scenario connects its proxies, waits until all are in sync, then makes a change of
-the world (an inference Service's per-class timeout, which changes every proxy's routes)
-several times. For each change it records, per proxy, the seconds from the change until
-that proxy's ACK of it, as measured by the server (the ``inferlane_xds_convergence_seconds``
-path). It reports p50 and p99 over all (proxy, change) samples, the slowest "all ACKed"
-time, and the control plane's resident memory per connected stream.
+``make bench`` runs the short form (a fleet of 1,000). The full run:
+
+    python -m bench.convergence --envoys 10,50 --fleet 10000 --workers 1,2
 
 The machine has 2 cores, and the proxies or synthetic clients share them with the
 control plane: these are upper bounds on what a dedicated control plane would show.
@@ -40,6 +42,8 @@ from types import MappingProxyType
 import grpc
 
 from bench.envoy import Envoy
+from bench.fleetbench import HEADER as FLEET_HEADER
+from bench.fleetbench import SCENARIOS, run_fleet
 from bench.load import percentile
 from bench.wait import eventually
 from mesh import xds as xds_types
@@ -49,6 +53,7 @@ from mesh.proxy import proxy_from_node
 from routing.generator import MeshGenerator
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.server import SERVER_OPTIONS, Connection, XdsServer
+from xds_server.cli.serve import default_workers
 from xds_server.sidecar.bootstrap import BootstrapOptions, TlsSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster"
@@ -201,6 +206,28 @@ async def envoy_scenario(
     )
 
 
+#: The synthetic scenario's clients: alike client sidecars whose pods are not in the world,
+#: so that every stream gets the same config.
+CLIENT_NODE_ID = "sidecar~10.0.0.1~client-{}.bench~bench.svc.cluster.local"
+CLIENT_METADATA = {"SERVICE_ACCOUNT": "client"}
+
+
+def uniform_plan(n: int, names: dict[str, list[str]]) -> dict[str, object]:
+    """A ``bench.synthetic`` plan of ``n`` alike SotW client sidecars."""
+    proxies = [
+        {
+            "node_id": CLIENT_NODE_ID.format(i),
+            "metadata": CLIENT_METADATA,
+            "role": "client",
+            "delta": False,
+            "namespace": "bench",
+            "pod": f"client-{i}",
+        }
+        for i in range(n)
+    ]
+    return {"proxies": proxies, "names": {"client": names}}
+
+
 async def synthetic_scenario(
     world: World,
     n: int,
@@ -216,14 +243,16 @@ async def synthetic_scenario(
     streams on each connection, bench.synthetic's default if None), then ``changes``
     changes."""
     async with plane(world) as (cache, xds, port):
-        node = "sidecar~10.0.0.1~client-0.bench~bench.svc.cluster.local"
-        snap = await cache.snapshot_for(proxy_from_node(node, {"SERVICE_ACCOUNT": "client"}))
+        node = CLIENT_NODE_ID.format(0)
+        snap = await cache.snapshot_for(proxy_from_node(node, dict(CLIENT_METADATA)))
         names = {
+            xds_types.CLUSTER: [],
             xds_types.ENDPOINT: sorted(snap.of_type(xds_types.ENDPOINT)),
+            xds_types.LISTENER: [],
             xds_types.ROUTE: sorted(snap.of_type(xds_types.ROUTE)),
         }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(names, f)
+            json.dump(uniform_plan(n, names), f)
         gc.collect()
         base_rss = rss_bytes()
         started = time.monotonic()
@@ -233,12 +262,10 @@ async def synthetic_scenario(
             "bench.synthetic",
             "--target",
             f"127.0.0.1:{port}",
-            "--streams",
-            str(n),
+            "--plan",
+            f.name,
             "--rate",
             str(rate),
-            "--names",
-            f.name,
             *(("--tls", str(tls_dir)) if tls_dir is not None else ()),
             *(("--per-channel", str(per_channel)) if per_channel is not None else ()),
             stdin=asyncio.subprocess.PIPE,
@@ -249,9 +276,6 @@ async def synthetic_scenario(
             line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
             if not line:
                 raise RuntimeError("synthetic clients exited before connecting")
-            retried = json.loads(line).get("retried", 0)
-            if retried:
-                print(f"  ({retried} synthetic streams reconnected while opening)", flush=True)
 
             async def synced() -> bool:
                 return _all_synced(xds, n)
@@ -303,7 +327,7 @@ def _result(
     )
 
 
-async def run(envoys: list[int], streams: list[int], changes: int, rate: float) -> list[Result]:
+async def run(envoys: list[int], changes: int) -> list[Result]:
     world = load_world(EXAMPLE)
     if not world.services:
         raise SystemExit(f"no inference Services in {EXAMPLE}")
@@ -312,27 +336,51 @@ async def run(envoys: list[int], streams: list[int], changes: int, rate: float) 
     for n in envoys:
         results.append(await envoy_scenario(world, n, changes))
         print(results[-1].row(), flush=True)
-    for n in streams:
-        results.append(await synthetic_scenario(world, n, changes, rate))
-        print(results[-1].row(), flush=True)
     return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--envoys", default="10,50", help="comma-separated counts of real Envoys")
-    p.add_argument("--streams", default="1000,10000", help="counts of synthetic streams")
-    p.add_argument("--changes", type=int, default=5, help="changes measured per scenario")
-    p.add_argument("--rate", type=float, default=1000, help="synthetic streams opened per second")
+    p.add_argument("--changes", type=int, default=5, help="changes measured per Envoy scenario")
+    fleet = p.add_argument_group("the realistic fleet (bench.fleetbench)")
+    fleet.add_argument("--fleet", default="1000", help="comma-separated fleet sizes (proxies)")
+    fleet.add_argument(
+        "--workers", default=f"1,{default_workers()}", help="--workers values to compare"
+    )
+    fleet.add_argument("--scenarios", default=",".join(SCENARIOS), help="which fleet scenarios")
+    fleet.add_argument("--fleet-changes", type=int, default=3, help="changes per fleet scenario")
+    fleet.add_argument("--client-processes", type=int, default=2)
+    fleet.add_argument("--rate", type=float, default=2000, help="streams opened per second")
+    fleet.add_argument("--timeout", type=float, default=300, help="seconds any one wait may take")
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
     def counts(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
-    results = asyncio.run(run(counts(a.envoys), counts(a.streams), a.changes, a.rate))
+    out: list[dict[str, object]] = []
+    envoy_results = asyncio.run(run(counts(a.envoys), a.changes))
+    out += [dataclasses.asdict(r) for r in envoy_results]
+    scenarios = tuple(s for s in a.scenarios.split(",") if s)
+    for n in counts(a.fleet):
+        print(f"\nrealistic fleet of {n} proxies (the clock starts at the input)", flush=True)
+        print(FLEET_HEADER, flush=True)
+        for workers in dict.fromkeys(counts(a.workers)):
+            fleet_results = asyncio.run(
+                run_fleet(
+                    n,
+                    workers=workers,
+                    scenarios=scenarios,
+                    changes=a.fleet_changes,
+                    client_processes=a.client_processes,
+                    rate=a.rate,
+                    timeout=a.timeout,
+                )
+            )
+            out += [dataclasses.asdict(r) for r in fleet_results]
     if a.json:
-        a.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+        a.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

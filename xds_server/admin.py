@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import inspect
 import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,6 +25,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh import xds
 from mesh.model import World
+from mesh.proxy import Proxy
+from xds_server.ads.cache import GenerationError
 from xds_server.ads.server import Connection, XdsServer
 from xds_server.ads.snapshot import decode
 
@@ -55,6 +58,24 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
+class WorkerStreams(Protocol):
+    """The streams other processes serve (``inferlane serve --workers N``), shown with this
+    process's own as one control plane."""
+
+    #: Every process's metrics, summed.
+    registry: CollectorRegistry
+
+    async def gather(self, what: str) -> list[dict[str, Any]]:
+        """Every worker's entries of ``/debug/syncz`` (``syncz``) or ``/debug/connections``."""
+        ...
+
+    def find(self, node_id: str) -> Proxy | None: ...
+
+    async def refresh_metrics(self) -> None:
+        """Fetch every worker's samples into ``registry``."""
+        ...
+
+
 class Admin:
     """Builds the aiohttp application. ``services`` and ``ready`` come from the wiring."""
 
@@ -65,11 +86,14 @@ class Admin:
         world: Callable[[], World | None] = lambda: None,
         ready: Callable[[], bool] = lambda: True,
         registries: tuple[CollectorRegistry, ...] = (),
+        workers: WorkerStreams | None = None,
     ) -> None:
         self.xds = xds
         self.world = world
         self.ready = ready
-        self.registries = (xds.metrics.registry, *registries)
+        self.workers = workers
+        streams = workers.registry if workers is not None else xds.metrics.registry
+        self.registries = (streams, *registries)
         self.pages: list[Page] = []
         self.app = web.Application()
         self.add_page("/", "this index", self._index)
@@ -106,14 +130,21 @@ class Admin:
         self.add_page(path, description, render)
 
     def add_query_page(
-        self, path: str, description: str, data: Callable[[Mapping[str, str]], Any]
+        self,
+        path: str,
+        description: str,
+        data: Callable[[Mapping[str, str]], Any | Awaitable[Any]],
     ) -> None:
-        """A page showing ``data(query)``; ``data`` raises :class:`PageError` for a query it
-        cannot answer (400 for a bad one, 404 for an unknown object)."""
+        """A page showing ``data(query)`` (awaited if it is a coroutine); ``data`` raises
+        :class:`PageError` for a query it cannot answer (400 for a bad one, 404 for an
+        unknown object)."""
 
         async def render(request: web.Request) -> web.Response:
             try:
-                return _json(data(request.query))
+                result = data(request.query)
+                if inspect.isawaitable(result):
+                    result = await result
+                return _json(result)
             except PageError as exc:
                 return _json({"error": exc.message}, exc.status)
 
@@ -132,21 +163,32 @@ class Admin:
         return web.Response(text="not ready: no world loaded yet\n", status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.workers is not None:
+            await self.workers.refresh_metrics()
         body = b"".join(generate_latest(r) for r in self.registries)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _syncz(self, request: web.Request) -> web.Response:
-        conns = sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id)
-        return _json([sync_entry(conn) for conn in conns])
+        out = [sync_entry(c) for c in self.xds.connections.values()]
+        if self.workers is not None:
+            out += await self.workers.gather("syncz")
+        return _json(sorted(out, key=lambda e: str(e["node_id"])))
 
     async def _config_dump(self, request: web.Request) -> web.Response:
         node_id = request.query.get("proxy", "")
         if not node_id:
             return _json({"error": "give ?proxy=NODE_ID; /debug/syncz lists them"}, 400)
         conn = self.xds.find(node_id)
-        if conn is None:
+        remote = self.workers.find(node_id) if conn is None and self.workers else None
+        if conn is not None:
+            snapshot = conn.state.snapshot
+        elif remote is not None:
+            try:
+                snapshot = await self.xds.cache.snapshot_for(remote)
+            except GenerationError as exc:
+                return _json({"error": str(exc)}, 500)
+        else:
             return _json({"error": f"no connected proxy {node_id!r}"}, 404)
-        snapshot = conn.state.snapshot
         resources = snapshot.resources if snapshot is not None else {}
         return _json(
             {
@@ -166,17 +208,15 @@ class Admin:
         return _json(describe_world(self.world()))
 
     async def _connections(self, request: web.Request) -> web.Response:
-        return _json([c.describe() for c in self.xds.connections.values()])
+        out = [c.describe() for c in self.xds.connections.values()]
+        if self.workers is not None:
+            out += await self.workers.gather("connections")
+        return _json(out)
 
 
 def sync_entry(conn: Connection) -> dict[str, Any]:
     """One proxy's ``/debug/syncz`` entry: per type, versions sent and acked, status, NACK."""
-    status = conn.state.sync_status()
-    return {
-        "node_id": conn.proxy.node_id,
-        "mode": "delta" if conn.delta else "sotw",
-        "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
-    }
+    return conn.sync_entry()
 
 
 def plain(value: Any) -> Any:

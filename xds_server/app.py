@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from mesh.model import World
+from mesh.proxy import Proxy
 from mesh.sources import WorldSource
 from mtls.identity import Identity, workload_identity
 from mtls.metrics import CertificateExpiry
@@ -48,6 +49,7 @@ from routing.secure import SecurityOptions
 from xds_server.admin import Admin, serving_admin
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, PushRequest
+from xds_server.ads.looplag import LoopLagProbe
 from xds_server.ads.server import SERVER_OPTIONS, ServerSettings, XdsServer
 from xds_server.auth.authorizer import MeshAuthorizer
 from xds_server.auth.settings import SecuritySettings
@@ -55,6 +57,7 @@ from xds_server.auth.transport import ServerCredentials, server_credentials
 from xds_server.describer import DESCRIPTION as DESCRIBE_PAGE
 from xds_server.describer import Describer
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings
+from xds_server.workers.hub import WorkerHub
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class ServeSettings:
     #: loop keeps serving meanwhile (its lag stays at milliseconds while a thousand
     #: identities rotate: docs/performance.md). False does that work on the event loop.
     worker_thread: bool = True
+    #: Processes serving the plaintext xDS port (``inferlane serve --workers``); 1 serves
+    #: every stream from this process.
+    workers: int = 1
 
 
 class ControlPlane:
@@ -133,11 +139,25 @@ class ControlPlane:
         #: Certificate expiry, read from the secret store at scrape time.
         self.cert_metrics = CollectorRegistry()
         self.cert_metrics.register(CertificateExpiry(lambda: self.secrets))
+        #: The worker processes that serve the plaintext port (``--workers N``, N > 1).
+        self.hub = (
+            WorkerHub(
+                settings.workers,
+                self.cache,
+                settings=settings.server,
+                authorizer=lambda: self.xds.authorizer,
+                on_sidecars_changed=lambda: self.debouncer.trigger(PushReason.PROXY),
+                own_metrics=self.xds.metrics.registry,
+            )
+            if settings.workers > 1
+            else None
+        )
         self.admin = Admin(
             self.xds,
             world=lambda: self.world,
             ready=self._ready,
             registries=(self.ratelimits.registry, self.cert_metrics),
+            workers=self.hub,
         )
         self.admin.add_json_page(
             "/debug/ratelimits",
@@ -152,8 +172,14 @@ class ControlPlane:
         self.admin.add_query_page(
             "/debug/describe",
             DESCRIBE_PAGE,
-            Describer(self.xds, lambda: self._generator, self._adaptive_endpoints),
+            Describer(
+                self.xds,
+                lambda: self._generator,
+                self._adaptive_endpoints,
+                workers=self._workers_syncz if self.hub is not None else None,
+            ),
         )
+        self.loop_lag = LoopLagProbe(self.xds.metrics.registry)
         self.ports: dict[str, int] = {}
         self.started = asyncio.Event()
         #: Set up in run(): the workload secrets and the authenticated ports' credentials.
@@ -178,13 +204,19 @@ class ControlPlane:
             log.info("first world loaded: %d inference services", len(world.services))
         self.debouncer.trigger(PushReason.WORLD)
 
-    def _identity(self, proxy: Any) -> Identity | None:
+    def _identity(self, proxy: Proxy) -> Identity | None:
         if self.world is None:
             return None
         return workload_identity(self.world, proxy, self.tls_options.trust_domain)
 
+    def _proxies(self) -> Iterator[Proxy]:
+        """Every connected proxy, this process's and the workers'."""
+        yield from (c.proxy for c in self.xds.connections.values())
+        if self.hub is not None:
+            yield from self.hub.proxies()
+
     def _identities_in_use(self) -> set[Identity]:
-        found = (self._identity(c.proxy) for c in self.xds.connections.values())
+        found = (self._identity(p) for p in self._proxies())
         return {identity for identity in found if identity is not None}
 
     async def _flush(self, push: PushRequest) -> None:
@@ -192,7 +224,10 @@ class ControlPlane:
             return
         # Endpoints are addressed through a sidecar (over mTLS) only if it can terminate
         # mTLS: it has a workload identity and so gets a certificate.
-        sidecars = {k: p for k, p in self.xds.sidecars().items() if self._identity(p) is not None}
+        connected = self.xds.sidecars()
+        if self.hub is not None:
+            connected |= self.hub.sidecars()
+        sidecars = {k: p for k, p in connected.items() if self._identity(p) is not None}
         self._generator = MeshGenerator(
             self.world,
             sidecars,
@@ -203,6 +238,21 @@ class ControlPlane:
         )
         self.cache.update(self._generator, push.first_change)
         self.xds.push_all(push)
+        if self.hub is not None:
+            await self.hub.push()
+
+    async def renew_certificates(self) -> int:
+        """Replace every workload certificate now (``SIGUSR1``: after a suspected key
+        compromise); returns how many identities had one."""
+        if self.secrets is None:
+            return 0
+        log.warning("replacing every workload certificate now")
+        count = await self.secrets.rotate_all()
+        log.warning("replaced %d workload certificates", count)
+        return count
+
+    async def _workers_syncz(self) -> list[dict[str, Any]]:
+        return await self.hub.gather("syncz") if self.hub is not None else []
 
     def _adaptive_endpoints(self) -> list[dict[str, Any]]:
         endpoints: list[dict[str, Any]] = self.ratelimits.describe()["adaptive"]["endpoints"]
@@ -278,8 +328,11 @@ class ControlPlane:
                 stack.callback(self.worker.shutdown, wait=False, cancel_futures=True)
             await self._set_up_security(stack)
             assert self.secrets is not None
-            # gRPC raises when it cannot bind a port.
-            ports = {"xds": grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")}
+            # gRPC raises when it cannot bind a port. With workers, they serve the
+            # plaintext port; this process serves the authenticated ones.
+            ports: dict[str, int] = {}
+            if self.hub is None:
+                ports["xds"] = grpc_server.add_insecure_port(f"{_host(s.host)}:{s.xds_port}")
             if self.credentials is not None:
                 for name, port, credentials in (
                     ("xds_tls", s.xds_tls_port, self.credentials.tls),
@@ -288,8 +341,12 @@ class ControlPlane:
                     if port is not None:
                         address = f"{_host(s.host)}:{port}"
                         ports[name] = grpc_server.add_secure_port(address, credentials)
-            await grpc_server.start()
-            stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
+            if ports:
+                await grpc_server.start()
+                stack.push_async_callback(grpc_server.stop, s.shutdown_grace)
+            if self.hub is not None:
+                stack.push_async_callback(self.hub.close)
+                ports = {"xds": await self.hub.start(s.host, s.xds_port), **ports}
             stack.push_async_callback(self.ratelimits.stop)
             rls_port = await self.ratelimits.start(
                 s.host,
@@ -316,6 +373,9 @@ class ControlPlane:
                 tasks.create_task(self.debouncer.run(), name="debouncer")
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
                 tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
+                tasks.create_task(self.loop_lag.run(), name="loop-lag")
+                if self.hub is not None:
+                    tasks.create_task(self.hub.run(), name="workers")
                 if self.root_certs is not None:
                     tasks.create_task(self.root_certs.run(), name="root-cert-publisher")
 
@@ -344,6 +404,15 @@ async def serve(settings: ServeSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
+    renewals: set[asyncio.Task[int]] = set()
+
+    def renew() -> None:
+        renewal = asyncio.create_task(plane.renew_certificates(), name="renew-certificates")
+        renewals.add(renewal)
+        renewal.add_done_callback(renewals.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGUSR1, renew)
     with contextlib.suppress(asyncio.CancelledError):
         await plane.run()
     log.info("stopped")

@@ -11,14 +11,15 @@ last reason per endpoint, and the sync state of the proxies involved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mesh.model import InferenceService, World
+from mesh.proxy import NodeIdError, parse_node_id
 from routing import explain
 from routing.generator import MeshGenerator
 from xds_server.admin import PageError, sync_entry
-from xds_server.ads.server import Connection, XdsServer
+from xds_server.ads.server import XdsServer
 
 #: ``/debug/describe``'s description on the admin index.
 DESCRIPTION = (
@@ -39,12 +40,23 @@ class Describer:
         xds_server: XdsServer,
         generator: Callable[[], MeshGenerator | None],
         adaptive: Callable[[], list[dict[str, Any]]],
+        workers: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
         self.xds = xds_server
         self.generator = generator
         self.adaptive = adaptive
+        #: The ``/debug/syncz`` entries of the streams worker processes serve, if any.
+        self.workers = workers
+        self._entries: list[dict[str, Any]] = []
 
-    def __call__(self, query: Mapping[str, str]) -> dict[str, Any]:
+    async def __call__(self, query: Mapping[str, str]) -> dict[str, Any]:
+        entries = [sync_entry(c) for c in self.xds.connections.values()]
+        if self.workers is not None:
+            entries += await self.workers()
+        self._entries = sorted(entries, key=lambda e: str(e["node_id"]))
+        return self.answer(query)
+
+    def answer(self, query: Mapping[str, str]) -> dict[str, Any]:
         generator = self.generator()
         if generator is None:
             raise PageError(503, "no world loaded yet")
@@ -66,21 +78,13 @@ class Describer:
         )
         view["limits"]["adaptive_state"] = self._adaptive_of(f"{svc.namespace}/{svc.name}")
         pods = {e.pod_key for e in svc.endpoints if e.pod_key is not None}
-        view["proxies"] = [
-            sync_entry(c)
-            for c in self._connections()
-            if (c.proxy.namespace, c.proxy.pod_name) in pods
-        ]
+        view["proxies"] = [e for e in self._entries if _pod_of(e) in pods]
         return view
 
     def pod(self, generator: MeshGenerator, namespace: str, name: str) -> dict[str, Any]:
         world: World = generator.world
         workload = world.workload(namespace, name)
-        proxies = [
-            sync_entry(c)
-            for c in self._connections()
-            if (c.proxy.namespace, c.proxy.pod_name) == (namespace, name)
-        ]
+        proxies = [e for e in self._entries if _pod_of(e) == (namespace, name)]
         if workload is None and not proxies:
             raise PageError(404, f"no pod {namespace}/{name} in the world or connected")
         backs = []
@@ -130,11 +134,17 @@ class Describer:
             "proxies": proxies,
         }
 
-    def _connections(self) -> list[Connection]:
-        return sorted(self.xds.connections.values(), key=lambda c: c.proxy.node_id)
-
     def _adaptive_of(self, service: str) -> list[dict[str, Any]]:
         return [e for e in self.adaptive() if e.get("service") == service]
+
+
+def _pod_of(entry: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(namespace, pod) of a sync entry's proxy."""
+    try:
+        node = parse_node_id(str(entry["node_id"]))
+    except NodeIdError:
+        return None
+    return node.namespace, node.pod_name
 
 
 def _ref(text: str) -> tuple[str, str]:

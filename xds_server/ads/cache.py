@@ -57,6 +57,24 @@ class Generator(Protocol):
         ...
 
 
+class SnapshotSource(Protocol):
+    """What the ADS server reads snapshots from: a :class:`ConfigCache`, or (in a worker of
+    ``inferlane serve --workers N``) the snapshots its primary process shipped."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def change_ts(self) -> float | None: ...
+
+    async def snapshot_for(self, proxy: Proxy) -> Snapshot | None:
+        """The proxy's snapshot, or None while it is not known yet."""
+        ...
+
+
 class GenerationError(Exception):
     """The generator failed or produced an inconsistent snapshot for a proxy."""
 

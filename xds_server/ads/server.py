@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 
 from mesh import xds
 from mesh.proxy import NodeIdError, Proxy, ProxyKind, proxy_from_node
-from xds_server.ads.cache import ConfigCache, GenerationError
+from xds_server.ads.cache import GenerationError, SnapshotSource
 from xds_server.ads.debounce import PushRequest
 from xds_server.ads.metrics import XdsMetrics
 from xds_server.ads.pushqueue import PushQueue
@@ -196,6 +196,15 @@ class Connection:
     def wake(self) -> None:
         self.inbox.wake()
 
+    def sync_entry(self) -> dict[str, Any]:
+        """This stream's line of ``/debug/syncz``."""
+        status = self.state.sync_status()
+        return {
+            "node_id": self.proxy.node_id,
+            "mode": "delta" if self.delta else "sotw",
+            "types": {xds.short(t): v | {"type_url": t} for t, v in status.items()},
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "node_id": self.proxy.node_id,
@@ -218,7 +227,7 @@ class XdsServer:
 
     def __init__(
         self,
-        cache: ConfigCache,
+        cache: SnapshotSource,
         metrics: XdsMetrics | None = None,
         settings: ServerSettings | None = None,
         authorizer: StreamAuthorizer | None = None,
@@ -232,6 +241,9 @@ class XdsServer:
         self.pushes = PushQueue(self.settings.max_concurrent_pushes)
         #: Called when the set of connected sidecars changes (endpoints address them).
         self.on_sidecars_changed: Callable[[], None] = lambda: None
+        #: Called when a stream is admitted and when it ends (a worker tells its primary).
+        self.on_stream_opened: Callable[[Connection], None] = lambda c: None
+        self.on_stream_closed: Callable[[Connection], None] = lambda c: None
         #: Called on every ACK with (connection, type_url, seconds from change to ACK).
         self.on_ack: Callable[[Connection, str, float | None], None] = lambda c, t, s: None
 
@@ -436,6 +448,7 @@ class XdsServer:
             ", proxyless" if proxy.proxyless else "",
             conn.peer,
         )
+        self.on_stream_opened(conn)
         try:
             await self._refresh(conn)
         except BaseException:
@@ -451,6 +464,7 @@ class XdsServer:
         self.pushes.forget(conn)
         self.metrics.connected.labels("delta" if conn.delta else "sotw").dec()
         log.info("stream %d closed: %s", conn.id, conn.proxy.node_id)
+        self.on_stream_closed(conn)
         if conn.proxy.kind is ProxyKind.SIDECAR and not conn.proxy.proxyless:
             self.on_sidecars_changed()
 
@@ -468,6 +482,8 @@ class XdsServer:
             self.metrics.generation_failures.inc()
             log.error("stream %d keeps its last config: %s", conn.id, exc)
             return
+        if snapshot is None:
+            return  # not known yet: a worker's primary has not sent it
         conn.state.set_snapshot(snapshot, change_ts)
 
     async def _handle(self, context: grpc.aio.ServicerContext, conn: Connection, req: Any) -> None:

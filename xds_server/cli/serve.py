@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from datetime import timedelta
@@ -17,6 +18,33 @@ from xds_server.cli import args
 
 #: The environment variable ``--redis`` defaults to (the chart sets it from a Secret).
 REDIS_URL_ENV = "INFERLANE_REDIS_URL"
+
+
+def default_workers() -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset), lowered to
+    its cgroup's CPU quota (a container's CPU limit), as Go's automaxprocs does."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 ``cpu.max``, or v1 CFS), or None."""
+    try:
+        quota, _, period = (root / "cpu.max").read_text().partition(" ")
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,6 +70,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument("--admin-port", type=args.port, default=15014, help="admin HTTP (0 = any)")
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    serve.add_argument(
+        "--workers",
+        type=args.positive_int,
+        default=default_workers(),
+        help="processes serving the plaintext xDS port's streams (default: the cores "
+        "this process may use); one process translates for all of them",
+    )
     serve.add_argument(
         "--debounce-quiet", type=float, default=0.1, help="seconds of quiet before a push"
     )
@@ -136,6 +171,7 @@ def run(options: argparse.Namespace) -> int:
         xds_mtls_port=options.xds_mtls_port,
         admin_port=options.admin_port,
         ports_file=options.ports_file,
+        workers=options.workers,
         debounce=DebounceSettings(quiet=options.debounce_quiet, max_delay=options.debounce_max),
         security=SecuritySettings(
             trust_domain=options.trust_domain,

@@ -1,0 +1,34 @@
+"""``inferlane serve --workers``: the default is the cores the process may use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from xds_server.cli import build_parser
+from xds_server.cli.serve import cgroup_cpu_limit, default_workers
+
+
+def test_workers_default_to_the_usable_cores_and_must_be_positive() -> None:
+    options = build_parser().parse_args(["serve", "--manifests", "x"])
+    assert options.workers == default_workers()
+    assert 1 <= default_workers() <= len(os.sched_getaffinity(0))
+    assert build_parser().parse_args(["serve", "--manifests", "x", "--workers", "3"]).workers == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--manifests", "x", "--workers", "0"])
+
+
+def test_a_container_cpu_limit_lowers_the_default(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 0.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(tmp_path) is None
