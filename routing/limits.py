@@ -181,15 +181,22 @@ def own_endpoints(
     return out
 
 
+def steered(svc: InferenceService) -> bool:
+    """Whether the adaptive controller steers ``svc``'s limits: it is adaptive, and has a
+    rate limit or a concurrency cap to scale."""
+    return svc.config.adaptive and (bool(svc.config.rate_limit) or svc.config.caps_concurrency)
+
+
 def limit_key(world: World, proxy: Proxy, options: RateLimitOptions) -> Hashable:
-    """What :func:`apply` reads of ``options`` for ``proxy`` beyond what every proxy shares:
-    the multipliers of its own endpoints of adaptive Services. Proxies with equal routing
-    keys and equal limit keys get identical config."""
+    """What the translators read of ``options`` for ``proxy`` beyond what every proxy
+    shares: the multipliers of its own endpoints of steered Services (they scale its rate
+    limits and its inbound concurrency caps). Proxies with equal routing keys and equal
+    limit keys get identical config."""
     if not options.multipliers:
         return ()  # the usual case: nothing tightened anywhere
     found = []
     for svc, _port, endpoint in own_endpoints(world, proxy):
-        if not svc.config.adaptive or not svc.config.rate_limit:
+        if not steered(svc):
             continue
         key = endpoint_key(endpoint)
         mult = options.multipliers.get(key)

@@ -5,6 +5,11 @@ A sidecar gets ``virtualOutbound`` (its workload's outgoing calls) and ``virtual
 take extra HTTP filters (placed before the router) and, for the inbound listener, a
 transport socket and filter chain match, so mTLS termination and rate-limit filters plug
 in without touching this module.
+
+Every one of them marks a concurrency refusal as SPEC says: a local reply with Envoy's
+response flag ``UO`` (a circuit breaker overflowed: a class over its cap, see
+:mod:`routing.clusters`) gets ``x-inferlane-refused: concurrency``, which callers retry
+on another endpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -19,16 +25,39 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from mesh.model import REFUSED_CONCURRENCY, REFUSED_HEADER
 from mesh.proxy import Proxy
 from routing import names
 from routing.protos import ads_config_source, pack
 
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER: Final = "envoy.filters.http.router"
+#: Envoy's response flag for a circuit-breaker overflow ("upstream overflow").
+OVERFLOW_FLAG: Final = "UO"
 
 
 def router_filter() -> Any:
     return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
+
+
+def concurrency_refusals() -> Any:
+    """Local replies for a circuit-breaker overflow carry ``x-inferlane-refused:
+    concurrency``."""
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=[OVERFLOW_FLAG])
+                ),
+                headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=REFUSED_HEADER, value=REFUSED_CONCURRENCY),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+            )
+        ]
+    )
 
 
 def http_connection_manager(
@@ -38,11 +67,13 @@ def http_connection_manager(
     http_filters: Sequence[Any] = (),
     optional_filters: bool = False,
     use_remote_address: bool = False,
+    mark_refusals: bool = False,
 ) -> Any:
     """An HCM whose routes come by RDS over ADS; ``http_filters`` run before the router.
 
     ``optional_filters`` marks every filter but the router ``is_optional``, which a gRPC
-    proxyless client needs for filters it does not implement.
+    proxyless client needs for filters it does not implement. ``mark_refusals`` adds
+    :func:`concurrency_refusals`.
     """
     filters = []
     for given in http_filters:
@@ -60,6 +91,8 @@ def http_connection_manager(
     )
     if use_remote_address:
         manager.use_remote_address.value = True
+    if mark_refusals:
+        manager.local_reply_config.CopyFrom(concurrency_refusals())
     return manager
 
 
@@ -96,7 +129,10 @@ def socket_listener(
 def outbound_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
     """``virtualOutbound`` on the sidecar's outbound port, routes ``outbound``."""
     manager = http_connection_manager(
-        f"outbound_{proxy.outbound_port}", names.OUTBOUND_ROUTE, http_filters=http_filters
+        f"outbound_{proxy.outbound_port}",
+        names.OUTBOUND_ROUTE,
+        http_filters=http_filters,
+        mark_refusals=True,
     )
     return socket_listener(
         names.OUTBOUND_LISTENER,
@@ -116,7 +152,10 @@ def inbound_listener(
 ) -> Any:
     """``virtualInbound`` on the sidecar's inbound port, routes ``inbound``."""
     manager = http_connection_manager(
-        f"inbound_{proxy.inbound_port}", names.INBOUND_ROUTE, http_filters=http_filters
+        f"inbound_{proxy.inbound_port}",
+        names.INBOUND_ROUTE,
+        http_filters=http_filters,
+        mark_refusals=True,
     )
     return socket_listener(
         names.INBOUND_LISTENER,
@@ -140,6 +179,7 @@ def gateway_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
         names.gateway_route(proxy.gateway_port),
         http_filters=http_filters,
         use_remote_address=True,
+        mark_refusals=True,
     )
     return socket_listener(
         names.gateway_listener(proxy.bind_address, proxy.gateway_port),

@@ -45,6 +45,7 @@ from ratelimit.adaptive import (
     AdaptiveMetrics,
     AdaptiveSettings,
     SaturationSample,
+    class_limits,
 )
 from ratelimit.counters import (
     Counters,
@@ -62,7 +63,7 @@ from routing.limits import (
     RateLimitOptions,
     RlsAddress,
     endpoint_key,
-    endpoint_rates,
+    steered,
 )
 from xds_server.rls.service import DEFAULT_RLS_PORT, RateLimitService, start_rls_server
 
@@ -172,11 +173,11 @@ def metrics_url(address: str, port: int, path: str) -> str:
 
 
 def adaptive_targets(world: World, metrics_path: str = "/metrics") -> dict[str, str]:
-    """Endpoint key -> metrics URL, for each ready endpoint of an adaptive Service that
-    has a ``rate-limit`` (the multipliers scale nothing else in the config)."""
+    """Endpoint key -> metrics URL, for each ready endpoint of a Service the controller
+    steers (adaptive, with a ``rate-limit`` or a ``max-concurrency`` to scale)."""
     targets: dict[str, str] = {}
     for svc in served_services(world):
-        if not svc.config.adaptive or not svc.config.rate_limit:
+        if not steered(svc):
             continue
         for port in served_ports(svc):
             for endpoint in svc.endpoints_for(port.port):
@@ -347,7 +348,9 @@ class RateLimitRuntime:
             entry = endpoints.setdefault(key, {"endpoint": key})
             entry["service"] = f"{svc.namespace}/{svc.name}"
             entry["metrics_url"] = self._targets.get(key)
-            entry["rates"] = {str(p): r for p, r in endpoint_rates(svc, endpoint, options).items()}
+            limits = class_limits(svc.config, options.multipliers.get(key))
+            entry["rates"] = {str(p): r for p, r in limits.rate.items()}
+            entry["concurrency"] = {str(p): c for p, c in limits.concurrency.items()}
         rls: dict[str, Any] = {
             "port": self.port,
             "address": None
@@ -372,7 +375,7 @@ class RateLimitRuntime:
         return [
             (svc, endpoint)
             for svc in served_services(self.world)
-            if svc.config.adaptive and svc.config.rate_limit
+            if steered(svc)
             for port in served_ports(svc)
             for endpoint in svc.endpoints_for(port.port)
         ]
