@@ -149,16 +149,30 @@ def circuit_breakers(limits: Limits, high: Limits = GENEROUS_LIMITS) -> Any:
     )
 
 
-def outlier_detection() -> Any:
-    """Eject a host after repeated failures, and allow ejecting every host.
+#: Consecutive connection failures, resets and timeouts that eject a host (Envoy's default).
+LOCAL_ORIGIN_FAILURES: Final = 5
 
+
+def outlier_detection() -> Any:
+    """Eject a host that cannot be reached, never one that answers; allow ejecting every host.
+
+    A full endpoint answers 503 (a refusal for concurrency, which callers retry
+    elsewhere), so 5xx responses must not eject: a pod refusing sheddable still has room
+    for critical. Envoy therefore counts errors of local origin (connection failures,
+    resets, timeouts: a pod or its sidecar gone) apart from the responses
+    (``split_external_local_origin_errors``), and only those eject; a pod whose sidecar
+    answers but whose model server fails is left to its readiness probe.
     ``max_ejection_percent`` 100 matters: with Envoy's default of 10 % a dead GPU host
     could stay in the set, and the fallback priority would never take over.
     """
+    off = wrappers_pb2.UInt32Value(value=0)
     return outlier_detection_pb2.OutlierDetection(
-        consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
-        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=LOCAL_ORIGIN_FAILURES),
+        enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+        enforcing_consecutive_5xx=off,
+        enforcing_consecutive_gateway_failure=off,
+        enforcing_success_rate=off,
         interval=duration_pb2.Duration(seconds=5),
         base_ejection_time=duration_pb2.Duration(seconds=15),
         max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
