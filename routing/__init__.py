@@ -18,7 +18,8 @@ from mesh.proxy import Proxy
 from ratelimit.adaptive import class_limits
 from routing import clusters, endpoints, listeners, names, proxyless, routes, scheduling
 from routing.catalog import served_ports, served_services
-from routing.limits import RateLimitOptions, apply_limits, endpoint_key, own_endpoints
+from routing.endpoints import endpoint_key
+from routing.limits import RateLimitOptions, apply_limits, own_endpoints
 from routing.secure import SecurityOptions, secure
 
 __all__ = ["generate"]
@@ -27,6 +28,7 @@ __all__ = ["generate"]
 def _outbound_clusters(
     services: Sequence[InferenceService],
     sidecars: Mapping[tuple[str, str], Proxy],
+    weights: Mapping[str, int],
     *,
     proxyless: bool,
 ) -> tuple[list[Any], list[Any]]:
@@ -35,7 +37,7 @@ def _outbound_clusters(
     assignments: list[Any] = []
     for svc in services:
         for port in served_ports(svc):
-            targets = endpoints.serving_targets(svc, port.port, sidecars)
+            targets = endpoints.serving_targets(svc, port.port, sidecars, weights)
             for priority in PRIORITIES:
                 cluster = clusters.outbound_cluster(
                     svc, port.port, priority, targets, proxyless=proxyless
@@ -99,7 +101,10 @@ def generate(
     service's address and the adaptive multipliers.
     """
     services = served_services(world)
-    cluster_list, assignments = _outbound_clusters(services, sidecars, proxyless=proxy.proxyless)
+    options = limits or RateLimitOptions()
+    cluster_list, assignments = _outbound_clusters(
+        services, sidecars, options.weights, proxyless=proxy.proxyless
+    )
     listener_list: list[Any]
     route_list: list[Any]
     if proxy.proxyless:
@@ -112,7 +117,7 @@ def generate(
             )
         ]
     else:
-        inbound_clusters, inbound_vhosts = _inbound(world, proxy, limits or RateLimitOptions())
+        inbound_clusters, inbound_vhosts = _inbound(world, proxy, options)
         cluster_list.extend(inbound_clusters)
         listener_list = [
             listeners.outbound_listener(proxy),

@@ -92,6 +92,7 @@ from ratelimit.local import (
 )
 from routing import names
 from routing.catalog import served_ports, served_services
+from routing.endpoints import endpoint_key
 from routing.listeners import ROUTER_FILTER
 from routing.protos import pack
 
@@ -142,17 +143,10 @@ class RateLimitOptions:
     #: The adaptive controller's multipliers, by :func:`endpoint_key`; an endpoint not in
     #: here has all multipliers at 1. Read only for Services with ``adaptive: "true"``.
     multipliers: Mapping[str, Multipliers] = field(default_factory=lambda: MappingProxyType({}))
-
-
-def endpoint_key(endpoint: Endpoint) -> str:
-    """The name the adaptive controller knows an endpoint by.
-
-    ``NAMESPACE/POD:PORT`` when the endpoint names its pod (readable on debug pages, and
-    stable while the pod lives), else ``ADDRESS:PORT``.
-    """
-    if endpoint.pod_name:
-        return f"{endpoint.pod_namespace}/{endpoint.pod_name}:{endpoint.port}"
-    return f"{endpoint.address}:{endpoint.port}"
+    #: EDS weights from the endpoints' queues, by :func:`endpoint_key`
+    #: (:func:`routing.endpoints.queue_weight`); an endpoint not in here has the full
+    #: weight. Every proxy reads them.
+    weights: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _serves_pod(proxy: Proxy, endpoint: Endpoint) -> bool:
