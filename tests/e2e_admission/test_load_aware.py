@@ -68,7 +68,7 @@ async def test_traffic_moves_away_from_a_pod_whose_queue_grows(tmp_path: Path) -
 
         async def weighed() -> bool:
             hosts = await _hosts(caller, cluster)
-            return hosts.get(GPU0, {}).get("weight") == 8 and hosts[GPU1]["weight"] == 128
+            return bool(hosts.get(GPU0, {}).get("weight") == 8 and hosts[GPU1]["weight"] == 128)
 
         await eventually(weighed, timeout=15, what="gpu-0 weighed down in the caller's EDS")
         assert (await sim_stats(queued))["waiting"] == 8

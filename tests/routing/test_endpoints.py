@@ -142,7 +142,7 @@ def test_queue_weights_weigh_every_endpoint_of_a_priority_or_none() -> None:
     for locality in assignment.endpoints:
         assert not any(lb.HasField("load_balancing_weight") for lb in locality.lb_endpoints)
     weights = MappingProxyType({"default/gpu-0:9000": 8})
-    weighed = generate(the_world, proxy(), {}, limits=RateLimitOptions(weights=weights))
+    weighed: Any = generate(the_world, proxy(), {}, limits=RateLimitOptions(weights=weights))
     for priority in Priority:
         (found,) = [a for a in weighed[xds.ENDPOINT] if a.cluster_name == cluster_name(priority)]
         gpu, fallback = found.endpoints
