@@ -81,7 +81,7 @@ async def test_traffic_moves_away_from_a_pod_whose_queue_grows(tmp_path: Path) -
         async def all_routed() -> bool:
             hosts = await _hosts(caller, cluster)
             routed = sum(int(h["requests"]) - before[ip]["requests"] for ip, h in hosts.items())
-            return routed >= REQUESTS
+            return bool(routed >= REQUESTS)
 
         await eventually(all_routed, timeout=15, what="every request routed")
         after = await _hosts(caller, cluster)
