@@ -27,6 +27,8 @@ bench: venv
 	$(BIN)/python -m bench.priority
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls
+	$(BIN)/python -m bench.picking --duration 60 --callers 16
+	$(BIN)/python -m bench.scheduling
 
 demo: venv
 	$(BIN)/python -m bench.demo

@@ -15,7 +15,9 @@ slower still. It compares how the callers pick a pod, one scenario at a time:
 - ``round-robin``: a Kubernetes Service (no weights, no in-flight counts).
 
 Every scenario gets the same pods (reset and idle before it starts) and ``--callers``
-caller proxies; arrivals go to the callers in turn. Requests are not streamed, so every pod
+caller proxies; arrivals go to the callers in turn, ``--critical-share`` of them critical and
+the rest sheddable (through inferlane, each class has its own cluster, whose least-request
+counts see only that class's requests). Requests are not streamed, so every pod
 sends its ORCA report (vLLM sends none on streams): the most ORCA can get. The figure
 that matters is the end-to-end p99 against ``least-request`` at the same load; goodput
 (tokens/s delivered, against the pool's capacity) shows whether a choice idles a pod.
@@ -38,6 +40,7 @@ import random
 import socket
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -94,6 +97,9 @@ class PickingOptions:
     output_tokens: int = 64
     max_num_seqs: int = 16
     seed: int = 7
+    #: Share of requests sent as critical (the rest are sheddable). Each class has its own
+    #: cluster, whose least-request counts see only that class's requests.
+    critical_share: float = 0.3
     #: Caller proxies; arrivals go to them in turn. The more callers, the fewer of its
     #: requests each one sees in flight, and the less its least-request choice knows.
     callers: int = 4
@@ -108,6 +114,7 @@ class Outcome:
     ok: bool
     pod: str
     tokens: int
+    priority: str
 
 
 def caller_ips(count: int) -> tuple[str, ...]:
@@ -118,12 +125,15 @@ def caller_ips(count: int) -> tuple[str, ...]:
 class ScenarioResult:
     name: str
     outcomes: tuple[Outcome, ...]
-    #: From the first arrival to the last answer.
-    seconds: float
+    #: Tokens the pods generated while arrivals lasted, per second (read from the pods).
+    goodput: float
 
-    def percentile(self, q: float) -> float:
-        """Latency at ``q`` over every request; a failed one counts as the deadline."""
-        values = sorted(o.latency_s for o in self.outcomes)
+    def percentile(self, q: float, priority: str | None = None) -> float:
+        """Latency at ``q`` over every request (of ``priority``, if given); a failed one
+        counts as the deadline."""
+        values = sorted(
+            o.latency_s for o in self.outcomes if priority is None or o.priority == priority
+        )
         if not values:
             return math.nan
         return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
@@ -131,10 +141,6 @@ class ScenarioResult:
     @property
     def ok_share(self) -> float:
         return sum(o.ok for o in self.outcomes) / max(1, len(self.outcomes))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(o.tokens for o in self.outcomes if o.ok) / self.seconds
 
     def pod_share(self, pod: str) -> float:
         return sum(o.pod == pod for o in self.outcomes) / max(1, len(self.outcomes))
@@ -385,22 +391,21 @@ async def inferlane_callers(
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, opts: PickingOptions, prompt: str
+    session: aiohttp.ClientSession, url: str, opts: PickingOptions, prompt: str, priority: str
 ) -> Outcome:
     loop = asyncio.get_running_loop()
     started = loop.time()
     body = {"model": "llama", "prompt": prompt, "max_tokens": opts.output_tokens}
-    headers = {"Host": HOST, "x-inference-priority": "standard"}
+    headers = {"Host": HOST, "x-inference-priority": priority}
     try:
         async with session.post(f"{url}/v1/completions", json=body, headers=headers) as resp:
             data = await resp.json(content_type=None)
             ok = resp.status == 200
             tokens = int(data["usage"]["completion_tokens"]) if ok else 0
-            return Outcome(
-                loop.time() - started, ok, resp.headers.get(SERVED_BY_HEADER, ""), tokens
-            )
+            pod = resp.headers.get(SERVED_BY_HEADER, "")
+            return Outcome(loop.time() - started, ok, pod, tokens, priority)
     except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
-        return Outcome(opts.deadline_s, False, "", 0)
+        return Outcome(opts.deadline_s, False, "", 0, priority)
 
 
 async def _ready(urls: Sequence[str]) -> None:
@@ -429,7 +434,10 @@ async def _idle(sims: Sequence[RunningSim]) -> None:
 
 
 async def drive(
-    urls: Sequence[str], arrivals: Sequence[float], opts: PickingOptions
+    urls: Sequence[str],
+    arrivals: Sequence[float],
+    opts: PickingOptions,
+    sims: Sequence[RunningSim],
 ) -> ScenarioResult:
     """Send ``arrivals`` open-loop, to the callers in turn; wait for every answer."""
     prompt = " ".join(["word"] * opts.prompt_tokens)
@@ -437,16 +445,22 @@ async def drive(
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        rng = random.Random(opts.seed + 1)
+        classes = [
+            "critical" if rng.random() < opts.critical_share else "sheddable" for _ in arrivals
+        ]
+        start, wall = loop.time(), time.time()
         tasks = []
         for i, at in enumerate(arrivals):
             delay = start + at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, urls[i % len(urls)], opts, prompt)))
+            url = urls[i % len(urls)]
+            tasks.append(asyncio.create_task(_one(session, url, opts, prompt, classes[i])))
         outcomes = await asyncio.gather(*tasks)
-        seconds = loop.time() - start
-    return ScenarioResult("", tuple(outcomes), seconds)
+    end = wall + opts.duration_s
+    tokens = sum(s.stats().tokens_between(wall, end) for s in sims)
+    return ScenarioResult("", tuple(outcomes), tokens / opts.duration_s)
 
 
 async def run(opts: PickingOptions) -> tuple[list[ScenarioResult], float, float]:
@@ -471,7 +485,7 @@ async def run(opts: PickingOptions) -> tuple[list[ScenarioResult], float, float]
                 await _ready(urls)
                 await _idle(sims)
                 log.info("scenario %s: %d requests", name, len(arrivals))
-                result = await drive(urls, arrivals, opts)
+                result = await drive(urls, arrivals, opts, sims)
             results.append(dataclasses.replace(result, name=name))
     return results, rps, tps
 
@@ -486,16 +500,19 @@ def format_report(
         f"{opts.duration_s:g} s of arrivals; {opts.callers} callers; gpu-3 {opts.slow:g}x "
         f"slower; slowdown {opts.slowdown:g}",
         "",
-        "| scenario | p50 | p99 | p99 vs least-request | ok | goodput (of capacity) "
-        "| to the slow pod |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | p50 | p99 | p99 vs least-request | critical p99 | vs least-request "
+        "| ok | goodput (of capacity) | to the slow pod |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = r.percentile(0.99) / base.percentile(0.99) if base else math.nan
+        critical = r.percentile(0.99, "critical")
+        critical_ratio = critical / base.percentile(0.99, "critical") if base else math.nan
         lines.append(
             f"| {r.name} | {r.percentile(0.5):.2f} s | {r.percentile(0.99):.2f} s | "
-            f"{ratio:.2f}x | {100 * r.ok_share:.0f} % | {r.tokens_per_s:.0f} tok/s "
-            f"({100 * r.tokens_per_s / tps:.0f} %) | {100 * r.pod_share(slow_pod):.0f} % |"
+            f"{ratio:.2f}x | {critical:.2f} s | {critical_ratio:.2f}x | "
+            f"{100 * r.ok_share:.0f} % | {r.goodput:.0f} tok/s "
+            f"({100 * r.goodput / tps:.0f} %) | {100 * r.pod_share(slow_pod):.0f} % |"
         )
     shares = {r.name: Counter(o.pod for o in r.outcomes) for r in results}
     lines += [
@@ -515,11 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slowdown", type=float, default=PickingOptions.slowdown)
     parser.add_argument("--seed", type=int, default=PickingOptions.seed)
     parser.add_argument("--callers", type=int, default=PickingOptions.callers)
+    parser.add_argument("--critical-share", type=float, default=PickingOptions.critical_share)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = parser.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     unknown = set(scenarios) - set(SCENARIOS)
     bad = args.load <= 0 or args.duration <= 0 or args.slow < 1 or args.slowdown <= 0
+    bad = bad or not 0 <= args.critical_share <= 1
     if unknown or bad or not 1 <= args.callers <= 200:
         parser.error(f"bad options (unknown scenarios: {sorted(unknown)})")
     opts = PickingOptions(
@@ -529,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slowdown=args.slowdown,
         seed=args.seed,
         callers=args.callers,
+        critical_share=args.critical_share,
         scenarios=scenarios,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

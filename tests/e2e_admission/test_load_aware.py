@@ -53,7 +53,7 @@ async def _hosts(envoy: Envoy, cluster: str) -> dict[str, dict[str, Any]]:
 async def test_traffic_moves_away_from_a_pod_whose_queue_grows(tmp_path: Path) -> None:
     require_envoy()
     pods = [sim("gpu-0", GPU0, max_num_seqs=1), sim("gpu-1", GPU1)]
-    settings = RateLimitSettings(scrape_interval_s=0.2)
+    settings = RateLimitSettings(scrape_interval_s=0.2, queue_weights=True)
     cluster = OUTBOUND_CLUSTER.format("standard")
     async with (
         mesh(tmp_path, {}, pods, ["127.0.96.10"], ratelimit=settings) as m,

@@ -118,7 +118,6 @@ async def test_steps_scrape_each_endpoint_and_push_only_on_change() -> None:
                 scrape_timeout_s=0.3,
                 scrape_concurrency=1,
                 adaptive=AdaptiveSettings(tighten_hold_s=1.0),
-                queue_weights=False,  # the adaptive loop alone (weights: the next test)
             ),
             on_change=lambda: changes.append(1),
             clock=clock,
@@ -169,7 +168,8 @@ async def test_queue_weights_follow_each_gpu_endpoints_queue_and_push_only_on_ch
     async with fake_servers() as servers:
         changes: list[int] = []
         runtime = RateLimitRuntime(
-            RateLimitSettings(scrape_timeout_s=0.3), on_change=lambda: changes.append(1)
+            RateLimitSettings(scrape_timeout_s=0.3, queue_weights=True),
+            on_change=lambda: changes.append(1),
         )
         try:
             # Not adaptive: the queues are scraped for the weights alone.

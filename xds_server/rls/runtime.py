@@ -109,9 +109,11 @@ class RateLimitSettings:
     metric_names: MetricNames = VLLM
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
     #: Weigh every GPU-backed endpoint by its queue in every caller's EDS
-    #: (:func:`routing.endpoints.queue_weight`), scraping them each round. Off: callers
-    #: balance on their own in-flight requests alone (least request).
-    queue_weights: bool = True
+    #: (:func:`routing.endpoints.queue_weight`), scraping them each round. Off by default:
+    #: it measured no better than least request alone (docs/performance.md, "Admission at
+    #: the pod and load-aware choice"), and each change of a weight is an EDS push to every
+    #: proxy.
+    queue_weights: bool = False
 
     def problems(self) -> list[str]:
         out = list(self.adaptive.problems())
