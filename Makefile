@@ -24,7 +24,7 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m bench.convergence
-	$(BIN)/python -m bench.priority
+	$(BIN)/python -m bench.priority --duration 15 --warmup 3
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls
 	$(BIN)/python -m bench.picking --duration 60 --callers 16
