@@ -18,7 +18,6 @@ on what :mod:`bench.testbed` returns; nothing starts a process.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from bench.gpu_sim import Throughput, saturated_throughput
 from bench.load import ClassSummary, RequestRecord, delivered_tokens, ms, summarize
 from bench.testbed import RunResult
 from bench.topology import Knobs, Topology
-from mesh.model import Priority
-from routing.clusters import CLASS_SHARE
+from mesh.model import Priority, ServiceConfig
+from ratelimit.adaptive import class_limits
 
 SHEDDABLE: Final = "sheddable"
 CRITICAL: Final = "critical"
@@ -65,10 +64,12 @@ def _lengths(topology: Topology, seed: int) -> Iterator[tuple[int, int]]:
 
 
 def sheddable_cap(knobs: Knobs) -> int | None:
-    """The most sheddable requests one pod should hold: max-concurrency x its share."""
+    """The most sheddable requests one pod should hold: its share of max-concurrency, as
+    the pod's sidecar admits it (:func:`ratelimit.adaptive.class_limits`)."""
     if knobs.max_concurrency is None:
         return None
-    return max(1, math.floor(CLASS_SHARE[Priority.SHEDDABLE] * knobs.max_concurrency))
+    config = ServiceConfig(max_concurrency=knobs.max_concurrency)
+    return class_limits(config).concurrency[Priority.SHEDDABLE]
 
 
 @dataclass(frozen=True)
