@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -58,9 +57,16 @@ from bench.gpu_sim import (
     saturated_throughput,
     start_sim,
 )
+from bench.testbed import (
+    free_port,
+    node_id,
+    running_control_plane,
+    running_static_envoy,
+    sidecar_metadata,
+    wait_routed,
+)
+from bench.topology import SERVICE_HOST, SERVICE_PORT
 from bench.wait import eventually
-from mesh.manifests import ManifestSource
-from xds_server.app import ControlPlane, ServeSettings
 from xds_server.rls.runtime import RateLimitSettings
 from xds_server.sidecar.bootstrap import BootstrapOptions
 
@@ -72,8 +78,7 @@ BASELINE: Final = "least-request"
 POD_IPS: Final = tuple(f"127.0.201.{i}" for i in range(1, 5))
 #: Callers get 127.0.201.11 and up.
 FIRST_CALLER: Final = 11
-SERVICE_PORT: Final = 8000
-HOST: Final = f"llama:{SERVICE_PORT}"
+HOST: Final = f"{SERVICE_HOST}:{SERVICE_PORT}"
 _CSWRR: Final = (
     "type.googleapis.com/envoy.extensions.load_balancing_policies."
     "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin"
@@ -178,12 +183,6 @@ def schedule(rate: float, seconds: float, seed: int) -> list[float]:
         times.append(now)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 # --- the two kinds of callers -------------------------------------------------------
 
 
@@ -225,17 +224,6 @@ def manifests(sims: Sequence[RunningSim], callers: Sequence[str]) -> list[dict[s
         *(pod(s.name, s.config.host, "llama", s.port) for s in sims),
         *(pod(f"client-{i}", ip, "client", None) for i, ip in enumerate(callers)),
     ]
-
-
-class StaticEnvoy(Envoy):
-    """An Envoy on a static bootstrap: one listener, one cluster over the pods."""
-
-    def __init__(self, bootstrap: dict[str, Any]) -> None:
-        super().__init__(BootstrapOptions(node_id="static~0.0.0.0~static.default~default"))
-        self.bootstrap = bootstrap
-
-    def bootstrap_text(self) -> str:
-        return json.dumps(self.bootstrap)
 
 
 def static_bootstrap(
@@ -326,10 +314,9 @@ async def static_callers(
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for ip in callers:
-            port = _free_port(ip)
-            envoy = StaticEnvoy(static_bootstrap(ip, port, sims, orca=orca))
-            await envoy.start()
-            stack.push_async_callback(envoy.stop)
+            port = free_port(ip)
+            bootstrap = static_bootstrap(ip, port, sims, orca=orca)
+            await stack.enter_async_context(running_static_envoy(bootstrap))
             urls.append(f"http://{ip}:{port}")
         yield urls
 
@@ -342,49 +329,31 @@ async def inferlane_callers(
     manifest = workdir / "mesh.yaml"
     document = {"apiVersion": "v1", "kind": "List", "items": manifests(sims, callers)}
     manifest.write_text(yaml.safe_dump(document, sort_keys=False))
-    settings = ServeSettings(
-        host="127.0.0.1",
-        xds_port=0,
-        admin_port=0,
-        shutdown_grace=0.2,
-        ratelimit=RateLimitSettings(queue_weights=queue_weights, scrape_interval_s=0.5),
-    )
-    plane = ControlPlane(settings, ManifestSource(manifest, poll_interval=0.2))
-    task = asyncio.create_task(plane.run(), name="bench-control-plane")
-    async with contextlib.AsyncExitStack() as stack:
-        try:
+    ratelimit = RateLimitSettings(queue_weights=queue_weights, scrape_interval_s=0.5)
+    async with (
+        running_control_plane(manifest, 20, ratelimit) as plane,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        urls = []
+        for i, ip in enumerate(callers):
+            metadata = sidecar_metadata(ip, "client")
+            opts = BootstrapOptions(
+                node_id=node_id("sidecar", ip, f"client-{i}"),
+                xds_port=plane.ports["xds"],
+                admin_port=0,
+                metadata=metadata,
+            )
+            await stack.enter_async_context(_running(Envoy(opts)))
+            urls.append(f"http://{ip}:{metadata['INFERLANE_OUTBOUND_PORT']}")
+        yield urls
 
-            async def loaded() -> bool:
-                if task.done():
-                    task.result()
-                return plane.started.is_set() and plane.world is not None
 
-            await eventually(loaded, timeout=20, what="the control plane")
-            urls = []
-            for i, ip in enumerate(callers):
-                port = _free_port(ip)
-                opts = BootstrapOptions(
-                    node_id=f"sidecar~{ip}~client-{i}.default~default.svc.cluster.local",
-                    xds_port=plane.ports["xds"],
-                    admin_port=0,
-                    metadata={
-                        "NAMESPACE": "default",
-                        "SERVICE_ACCOUNT": "client",
-                        "INFERLANE_BIND_ADDRESS": ip,
-                        "INFERLANE_OUTBOUND_PORT": str(port),
-                        "INFERLANE_INBOUND_PORT": str(_free_port(ip)),
-                    },
-                )
-                envoy = Envoy(opts)
-                await envoy.start()
-                stack.push_async_callback(envoy.stop)
-                urls.append(f"http://{ip}:{port}")
-            yield urls
-        finally:
-            await stack.aclose()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+@contextlib.asynccontextmanager
+async def _running(envoy: Envoy) -> AsyncIterator[Envoy]:
+    try:
+        yield await envoy.start()
+    finally:
+        await envoy.stop()
 
 
 # --- load ---------------------------------------------------------------------------
@@ -409,19 +378,8 @@ async def _one(
 
 
 async def _ready(urls: Sequence[str]) -> None:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-
-        async def routed() -> bool:
-            for url in urls:
-                try:
-                    async with session.get(f"{url}/v1/models", headers={"Host": HOST}) as r:
-                        if r.status != 200:
-                            return False
-                except aiohttp.ClientError:
-                    return False
-            return True
-
-        await eventually(routed, timeout=30, what="every caller routed to llama")
+    for url in urls:
+        await wait_routed(url, "critical", 30, url)
 
 
 async def _idle(sims: Sequence[RunningSim]) -> None:

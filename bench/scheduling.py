@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from bench.envoy import EnvoyMissing, envoy_binary
-from bench.picking import StaticEnvoy
+from bench.testbed import StaticEnvoy
 from mesh.model import Priority
 from routing import scheduling
 
