@@ -33,6 +33,7 @@ within a retry budget, so refusals under overload cannot turn into a retry storm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,9 +60,10 @@ GENEROUS: Final = 100_000
 
 #: Retry budget of the lower classes: concurrent retries may be this percentage of the
 #: class's active and pending requests (Envoy's default), and at least
-#: :data:`RETRY_BUDGET_MIN` (Envoy's default too). A retry holds its budget only while it
-#: backs off (milliseconds), so this binds only when refusals come in a flood: then most
-#: of them fail fast instead of multiplying the load.
+#: :data:`RETRY_BUDGET_MIN` (Envoy's default too). A retry counts from the moment Envoy
+#: decides it until the retried attempt's response headers arrive (for a stream, its
+#: first bytes; for a whole answer, its end). When refusals come in a flood, the ones
+#: over the budget fail fast instead of multiplying the load.
 RETRY_BUDGET_PERCENT: Final = 20.0
 RETRY_BUDGET_MIN: Final = 3
 
@@ -89,13 +91,7 @@ def _budgeted(priority: Priority, limits: Limits) -> Limits:
     """``limits`` with the lower classes' retry budget (critical keeps its retries)."""
     if priority is Priority.CRITICAL:
         return limits
-    return Limits(
-        limits.max_connections,
-        limits.max_pending_requests,
-        limits.max_requests,
-        limits.max_retries,
-        RETRY_BUDGET_PERCENT,
-    )
+    return dataclasses.replace(limits, retry_budget_percent=RETRY_BUDGET_PERCENT)
 
 
 def caller_limits(

@@ -152,6 +152,17 @@ def retry_policy(priority: Priority, *, proxyless: bool = False) -> Any | None:
     )
 
 
+def _class_timeout(action: Any, timeout_s: float, *, proxyless: bool = False) -> None:
+    """Set the class timeout on ``action`` (in place): see the module docstring."""
+    if proxyless:
+        # gRPC clients enforce max_stream_duration, not timeout (nor idle timeouts).
+        action.timeout.CopyFrom(duration(timeout_s))
+        action.max_stream_duration.max_stream_duration.CopyFrom(duration(timeout_s))
+    else:
+        action.timeout.CopyFrom(duration(0))  # off: a stream lasts as long as it flows
+        action.idle_timeout.CopyFrom(duration(timeout_s))
+
+
 def route_action(
     cluster: str, served_as: Priority, timeout_s: float, *, proxyless: bool = False
 ) -> Any:
@@ -160,13 +171,7 @@ def route_action(
     policy = retry_policy(served_as, proxyless=proxyless)
     if policy is not None:
         action.retry_policy.CopyFrom(policy)
-    if proxyless:
-        # gRPC clients enforce max_stream_duration, not timeout (nor idle timeouts).
-        action.timeout.CopyFrom(duration(timeout_s))
-        action.max_stream_duration.max_stream_duration.CopyFrom(duration(timeout_s))
-    else:
-        action.timeout.CopyFrom(duration(0))  # off: a stream lasts as long as it flows
-        action.idle_timeout.CopyFrom(duration(timeout_s))
+    _class_timeout(action, timeout_s, proxyless=proxyless)
     return action
 
 
@@ -224,9 +229,8 @@ def inbound_routes(svc: InferenceService, port: ServicePort) -> list[Any]:
         action = route_components_pb2.RouteAction(
             cluster=names.inbound_cluster(port.port, svc.hostname, served),
             priority=ROUTE_PRIORITY[served],
-            timeout=duration(0),
-            idle_timeout=duration(svc.config.timeout_for(served)),
         )
+        _class_timeout(action, svc.config.timeout_for(served))
         route = route_components_pb2.Route(
             name=_route_name(requested), match=_match(requested), route=action
         )
