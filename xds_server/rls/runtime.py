@@ -360,7 +360,8 @@ class RateLimitRuntime:
             step = self.controller.observe(key, result)
             if step.changed:
                 log.info("adaptive limits of %s: %s", key, step.state.last_change_reason)
-                changed.append(key)
+                if key not in changed:
+                    changed.append(key)
         if changed:
             self.metrics.pushes.inc()
             self.on_change()
@@ -370,12 +371,10 @@ class RateLimitRuntime:
         """Record ``key``'s queue weight (full on a failed scrape: no stale steering);
         True when it changed."""
         weight = FULL_WEIGHT if isinstance(result, ScrapeError) else queue_weight(result.waiting)
-        if self._weights.get(key, FULL_WEIGHT) == weight:
-            self._weights[key] = weight
-            return False
-        log.info("queue weight of %s: %d", key, weight)
-        self._weights[key] = weight
-        return True
+        old, self._weights[key] = self._weights.get(key, FULL_WEIGHT), weight
+        if old != weight:
+            log.info("queue weight of %s: %d -> %d", key, old, weight)
+        return old != weight
 
     # -- debug ------------------------------------------------------------------------
 
