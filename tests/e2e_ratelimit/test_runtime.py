@@ -218,6 +218,10 @@ def test_targets_skip_unready_endpoints_and_services_without_a_rate_limit() -> N
     unlimited = ServiceConfig(enabled=True, adaptive=True)
     bare = World(services=(svc.__class__(**{**svc.__dict__, "config": unlimited}),))
     assert adaptive_targets(bare) == {}
+    # A concurrency cap alone is something to steer: no rate limit needed.
+    capped = ServiceConfig(enabled=True, adaptive=True, max_concurrency=8)
+    only_caps = World(services=(svc.__class__(**{**svc.__dict__, "config": capped}),))
+    assert set(adaptive_targets(only_caps)) == set(adaptive_targets(world))
 
 
 def test_bad_settings_are_refused() -> None:
