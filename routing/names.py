@@ -5,7 +5,7 @@ config dump without a glossary:
 
 * outbound clusters ``outbound|PORT|CLASS|HOST``, the priority class as Istio's subset;
 * inbound clusters ``inbound|PORT|CLASS|HOST``, PORT being the Service port: one per class,
-  each admitting that class's share of the endpoint (``inbound|PORT||HOST`` names them all);
+  each admitting that class's share of the endpoint;
 * a sidecar's listeners ``virtualOutbound`` and ``virtualInbound``;
 * a gateway's listener ``BIND_PORT`` (``0.0.0.0_8080``) and its routes ``http.PORT``;
 * a proxyless gRPC target's listener and route configuration ``HOST:PORT``.
@@ -36,11 +36,10 @@ def outbound_cluster(port: int, priority: Priority, host: str) -> str:
     return f"{OUTBOUND}|{port}|{priority.value}|{host}"
 
 
-def inbound_cluster(port: int, host: str, priority: Priority | None = None) -> str:
+def inbound_cluster(port: int, host: str, priority: Priority) -> str:
     """``inbound|8000|sheddable|llama.default.svc.cluster.local``: the sidecar's own
-    workload, for one class (``inbound|8000||HOST`` without one, as Istio names it)."""
-    subset = priority.value if priority is not None else ""
-    return f"{INBOUND}|{port}|{subset}|{host}"
+    workload, for one class."""
+    return f"{INBOUND}|{port}|{priority.value}|{host}"
 
 
 @dataclass(frozen=True)
