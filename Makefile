@@ -25,10 +25,12 @@ test: lint
 bench: venv
 	$(BIN)/python -m bench.convergence
 	$(BIN)/python -m bench.tls
-	$(BIN)/python -m bench.priority
+	$(BIN)/python -m bench.priority --duration 15 --warmup 3
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rotation
 	$(BIN)/python -m bench.rls
+	$(BIN)/python -m bench.picking --duration 60 --callers 16
+	$(BIN)/python -m bench.scheduling
 
 demo: venv
 	$(BIN)/python -m bench.demo

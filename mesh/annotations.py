@@ -14,9 +14,9 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-from mesh.model import AnnotationError, MtlsMode, Priority, ServiceConfig
+from mesh.model import AnnotationError, MtlsMode, Priority, SchedulingPolicy, ServiceConfig
 
 PREFIX = "inferlane.io/"
 
@@ -29,6 +29,7 @@ ADAPTIVE = PREFIX + "adaptive"
 GLOBAL_RATE_LIMIT = PREFIX + "global-rate-limit"
 MTLS = PREFIX + "mtls"
 TIMEOUT = PREFIX + "timeout"
+SCHEDULING_POLICY = PREFIX + "scheduling-policy"
 
 #: Longest value quoted back in an error message; the rest is elided.
 MAX_QUOTED_VALUE = 200
@@ -54,8 +55,18 @@ _DNS_SUBDOMAIN = re.compile(
 _SPIFFE = re.compile(r"spiffe://([a-z0-9._-]+)/ns/([^/]+)/sa/([^/]+)")
 
 
+_V = TypeVar("_V")
+
+
 class _Invalid(ValueError):
     """Raised inside one value parser; turned into an AnnotationError by the caller."""
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """What a parser returns when one annotation sets several ServiceConfig fields."""
+
+    values: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,18 @@ def parse_service_config(
         except _Invalid as exc:
             errors.append(AnnotationError(key, _quote(value), str(exc)))
             continue
-        config = replace(config, **{spec.field: parsed})
-    return config, tuple(errors)
+        updates = parsed.values if isinstance(parsed, _Fields) else {spec.field: parsed}
+        config = replace(config, **updates)
+    if config.adaptive and not config.rate_limit and not config.caps_concurrency:
+        errors.append(
+            AnnotationError(
+                ADAPTIVE,
+                "true",
+                f"has nothing to steer without {MAX_CONCURRENCY} or {RATE_LIMIT}",
+            )
+        )
+        config = replace(config, adaptive=False)
+    return config, tuple(sorted(errors, key=lambda e: e.annotation))
 
 
 def _text(raw: object) -> str | None:
@@ -157,7 +178,7 @@ def _parse_mtls(value: str) -> MtlsMode:
         raise _Invalid('must be "strict" or "permissive"') from None
 
 
-def _parse_max_concurrency(value: str) -> int:
+def _parse_count(value: str) -> int:
     if not _INTEGER.fullmatch(value):
         raise _Invalid("must be a positive whole number")
     number = int(value)
@@ -166,6 +187,33 @@ def _parse_max_concurrency(value: str) -> int:
     if number > MAX_CONCURRENCY_LIMIT:
         raise _Invalid(f"must be at most {MAX_CONCURRENCY_LIMIT}")
     return number
+
+
+def _parse_max_concurrency(value: str) -> _Fields:
+    """``N``, ``N,CLASS=M,...`` or ``CLASS=M,...``: the endpoint's total, and caps for the
+    classes named (which replace their share of the total; naming critical caps it)."""
+    total: int | None = None
+    rest = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if "=" in item:
+            rest.append(item)
+        elif total is not None:
+            raise _Invalid("gives the total twice")
+        else:
+            total = _parse_count(item)
+    per_class = _per_class(_parse_count)(",".join(rest)) if rest else MappingProxyType({})
+    if total is None and not per_class:
+        raise _Invalid("must be a positive whole number")
+    return _Fields({"max_concurrency": total, "class_concurrency": per_class})
+
+
+def _parse_scheduling(value: str) -> SchedulingPolicy:
+    try:
+        return SchedulingPolicy(value.lower())
+    except ValueError:
+        raise _Invalid('must be "fcfs" or "priority"') from None
 
 
 def _parse_rate(value: str) -> float:
@@ -195,11 +243,11 @@ def _parse_duration(value: str) -> float:
     return total
 
 
-def _per_class(parse_value: Callable[[str], float]) -> Callable[[str], Mapping[Priority, float]]:
+def _per_class(parse_value: Callable[[str], _V]) -> Callable[[str], Mapping[Priority, _V]]:
     """A parser for ``class=value[,class=value]`` lists (classes case-insensitive)."""
 
-    def parse(value: str) -> Mapping[Priority, float]:
-        result: dict[Priority, float] = {}
+    def parse(value: str) -> Mapping[Priority, _V]:
+        result: dict[Priority, _V] = {}
         for item in (part.strip() for part in value.split(",")):
             if not item:
                 continue
@@ -267,6 +315,7 @@ _ANNOTATIONS: dict[str, _Annotation] = {
     ),
     MTLS: _Annotation("mtls", _parse_mtls),
     TIMEOUT: _Annotation("timeouts", _per_class(_parse_duration), empty_is_default=True),
+    SCHEDULING_POLICY: _Annotation("scheduling", _parse_scheduling),
 }
 
 # --- reading critical-callers entries -----------------------------------------------------

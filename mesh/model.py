@@ -34,14 +34,45 @@ PRIORITY_HEADER = "x-inference-priority"
 #: The name of the Envoy sidecar container ``inferlane inject`` adds to a Pod.
 SIDECAR_CONTAINER = "inferlane-proxy"
 
+#: The response header that says why inferlane's config refused a request (SPEC
+#: "Refusals"), and its value for a class over its concurrency cap at an endpoint.
+REFUSED_HEADER = "x-inferlane-refused"
+REFUSED_CONCURRENCY = "concurrency"
+
+
+#: The share of an endpoint's ``max-concurrency`` each class may hold at once, for the
+#: classes the Service gives no cap of their own. Lower classes leave room for critical:
+#: standard may hold three quarters, so a quarter stays free for critical even when
+#: standard saturates; sheddable half, so it is throttled first and can never crowd
+#: standard out on its own. Critical has no share: it is never capped unless the Service
+#: names a cap for it. The one table every layer reads (routing's admission clusters, the
+#: adaptive controller's limits).
+CLASS_SHARES: Mapping[Priority, float] = MappingProxyType(
+    {Priority.STANDARD: 0.75, Priority.SHEDDABLE: 0.5}
+)
+
 
 class MtlsMode(enum.StrEnum):
     STRICT = "strict"
     PERMISSIVE = "permissive"
 
 
+class SchedulingPolicy(enum.StrEnum):
+    """How the model server orders its queue (vLLM's ``--scheduling-policy``)."""
+
+    #: First come, first served: vLLM's default. The class is not passed on.
+    FCFS = "fcfs"
+    #: By the request body's ``priority`` (lower first, with preemption): the endpoint's
+    #: sidecar writes each request's class into the body.
+    PRIORITY = "priority"
+
+
 def _frozen(mapping: Mapping[Priority, float] | None = None) -> Mapping[Priority, float]:
     return MappingProxyType(dict(mapping or {}))
+
+
+def _frozen_counts() -> Mapping[Priority, int]:
+    return MappingProxyType({})
 
 
 #: Default per-class request timeout, in seconds (SPEC: 300 s for every class).
@@ -72,15 +103,37 @@ class ServiceConfig:
     rate_limit: Mapping[Priority, float] = field(default_factory=_frozen)
     #: Requests one endpoint serves at once (vLLM's ``max_num_seqs``), or None.
     max_concurrency: int | None = None
+    #: Per-class caps the Service names itself (``max-concurrency: "64,sheddable=8"``);
+    #: they replace that class's share of ``max_concurrency``.
+    class_concurrency: Mapping[Priority, int] = field(default_factory=_frozen_counts)
     adaptive: bool = False
     #: Requests per second per calling identity and class, across all endpoints.
     global_rate_limit: Mapping[Priority, float] = field(default_factory=_frozen)
     mtls: MtlsMode = MtlsMode.PERMISSIVE
     #: Per-class request timeouts in seconds; classes not named get DEFAULT_TIMEOUT_S.
     timeouts: Mapping[Priority, float] = field(default_factory=_frozen)
+    #: How the model servers order their queue; ``priority`` passes the class on.
+    scheduling: SchedulingPolicy = SchedulingPolicy.FCFS
 
     def timeout_for(self, priority: Priority) -> float:
         return self.timeouts.get(priority, DEFAULT_TIMEOUT_S)
+
+    def concurrency_for(self, priority: Priority) -> float | None:
+        """Requests of ``priority`` one endpoint serves at once, before any adaptive
+        multiplier and rounding: the Service's own cap for the class, else the class's
+        share of ``max_concurrency``. None: the class is not capped."""
+        own = self.class_concurrency.get(priority)
+        if own is not None:
+            return float(own)
+        share = CLASS_SHARES.get(priority)
+        if share is None or self.max_concurrency is None:
+            return None
+        return share * self.max_concurrency
+
+    @property
+    def caps_concurrency(self) -> bool:
+        """Whether any class of this Service has a concurrency cap."""
+        return self.max_concurrency is not None or bool(self.class_concurrency)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,12 @@ For a Service with ``inferlane.io/adaptive: "true"``, the control plane samples 
 backend endpoint's vLLM gauges (``ratelimit.scrape``) and feeds them here. The
 controller keeps, per endpoint, one *multiplier* per class in ``[floor, 1]`` and turns
 it into limits with :func:`class_limits`: the class's ``rate-limit`` times its
-multiplier, and its share of ``max-concurrency`` (:data:`DEFAULT_SHARES`) times its
-multiplier. Nothing here does I/O; time comes from an injected clock.
+multiplier, and its concurrency cap (its share of ``max-concurrency``,
+:data:`mesh.model.CLASS_SHARES`, or the cap the Service names for it) times its
+multiplier. The concurrency caps are what the endpoint's own sidecar admits per class
+(``routing.clusters.inbound_cluster``), so the controller steers how many requests of
+each class the pod holds, not only how fast they arrive. Nothing here does I/O; time
+comes from an injected clock.
 
 Control law: AIMD, ordered by class
 ===================================
@@ -64,12 +68,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.model import PRIORITIES, Priority, ServiceConfig
-
-#: The share of ``max-concurrency`` each class may use when nothing is tightened:
-#: lower classes leave room for critical.
-DEFAULT_SHARES: Mapping[Priority, float] = MappingProxyType(
-    {Priority.CRITICAL: 1.0, Priority.STANDARD: 0.8, Priority.SHEDDABLE: 0.5}
-)
 
 #: Tightening order (lowest class first); loosening goes the other way.
 _TIGHTEN_ORDER = (Priority.SHEDDABLE, Priority.STANDARD, Priority.CRITICAL)
@@ -229,7 +227,8 @@ class ClassLimits:
 
     #: Requests per second per class: only classes the ``rate-limit`` annotation names.
     rate: Mapping[Priority, float]
-    #: Concurrent requests per class: empty without ``max-concurrency``.
+    #: Concurrent requests per class: only the classes that are capped (none without
+    #: ``max-concurrency``; critical only when the Service names a cap for it).
     concurrency: Mapping[Priority, int]
     multipliers: Mapping[Priority, float] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(PRIORITIES, 1.0))
@@ -237,26 +236,25 @@ class ClassLimits:
 
 
 def class_limits(
-    config: ServiceConfig,
-    multipliers: Mapping[Priority, float] | None = None,
-    shares: Mapping[Priority, float] = DEFAULT_SHARES,
+    config: ServiceConfig, multipliers: Mapping[Priority, float] | None = None
 ) -> ClassLimits:
     """A Service's per-class limits on one endpoint, scaled by that endpoint's multipliers.
 
     Without ``multipliers`` (or when the Service is not adaptive) these are the static
-    limits. A class the ``rate-limit`` annotation does not name gets no rate (critical
-    is never limited unless named). Rates are rounded to a thousandth (at least that);
-    concurrencies round down, to at least 1.
+    limits. A class the ``rate-limit`` annotation does not name gets no rate, and a class
+    without a cap (:meth:`ServiceConfig.concurrency_for`) no concurrency: critical is
+    limited in neither unless the Service names it. Rates are rounded to a thousandth
+    (at least that); concurrencies round down, to at least 1.
     """
     mult = {p: 1.0 for p in PRIORITIES}
     if multipliers is not None and config.adaptive:
         mult.update({p: m for p, m in multipliers.items() if p in mult})
     rate = {p: max(0.001, round(base * mult[p], 3)) for p, base in config.rate_limit.items()}
     concurrency: dict[Priority, int] = {}
-    if config.max_concurrency:
-        for p in PRIORITIES:
-            allowed = config.max_concurrency * shares.get(p, 1.0) * mult[p]
-            concurrency[p] = max(1, math.floor(round(allowed, _DECIMALS)))
+    for p in PRIORITIES:
+        base = config.concurrency_for(p)
+        if base is not None:
+            concurrency[p] = max(1, math.floor(round(base * mult[p], _DECIMALS)))
     return ClassLimits(
         rate=MappingProxyType(rate),
         concurrency=MappingProxyType(concurrency),

@@ -13,10 +13,12 @@ from typing import Any
 from google.protobuf.message import Message
 
 from mesh import xds
-from mesh.model import PRIORITIES, InferenceService, World
+from mesh.model import PRIORITIES, InferenceService, SchedulingPolicy, World
 from mesh.proxy import Proxy
-from routing import clusters, endpoints, listeners, names, proxyless, routes
+from ratelimit.adaptive import class_limits
+from routing import clusters, endpoints, listeners, names, proxyless, routes, scheduling
 from routing.catalog import own_endpoints, served_ports, served_services
+from routing.endpoints import endpoint_key
 from routing.limits import RateLimitOptions, apply_limits
 from routing.secure import SecurityOptions, secure
 
@@ -26,6 +28,7 @@ __all__ = ["generate"]
 def _outbound_clusters(
     services: Sequence[InferenceService],
     sidecars: Mapping[tuple[str, str], Proxy],
+    weights: Mapping[str, int],
     *,
     proxyless: bool,
 ) -> tuple[list[Any], list[Any]]:
@@ -34,26 +37,43 @@ def _outbound_clusters(
     assignments: list[Any] = []
     for svc in services:
         for port in served_ports(svc):
-            targets = endpoints.serving_targets(svc, port.port, sidecars)
+            targets = endpoints.serving_targets(svc, port.port, sidecars, weights)
             for priority in PRIORITIES:
                 cluster = clusters.outbound_cluster(
-                    svc, port.port, priority, len(targets), proxyless=proxyless
+                    svc, port.port, priority, targets, proxyless=proxyless
                 )
                 cluster_list.append(cluster)
                 assignments.append(endpoints.load_assignment(cluster.name, targets))
     return cluster_list, assignments
 
 
-def _inbound(world: World, proxy: Proxy) -> tuple[list[Any], list[Any]]:
-    """(inbound clusters, inbound virtual hosts) for the Services this sidecar's pod serves."""
+def _inbound(world: World, proxy: Proxy, limits: RateLimitOptions) -> tuple[list[Any], list[Any]]:
+    """(inbound clusters, inbound virtual hosts) for the Services this sidecar's pod serves.
+
+    Each Service port gets one inbound cluster per class, admitting the class's cap on
+    this endpoint: the static cap, scaled by the adaptive controller's multipliers for
+    this endpoint when the Service is adaptive.
+    """
     cluster_list: list[Any] = []
     vhosts: list[Any] = []
     for svc, port, endpoint in own_endpoints(world, proxy):
-        cluster_list.append(clusters.inbound_cluster(svc, endpoint, proxy))
+        caps = class_limits(svc.config, limits.multipliers.get(endpoint_key(endpoint)))
+        for priority in PRIORITIES:
+            cap = caps.concurrency.get(priority)
+            cluster_list.append(clusters.inbound_cluster(svc, endpoint, proxy, priority, cap))
         vhosts.append(
             routes.virtual_host(svc, port, proxy.namespace, routes.inbound_routes(svc, port))
         )
     return cluster_list, vhosts
+
+
+def _inbound_filters(world: World, proxy: Proxy) -> list[Any]:
+    """The Lua filter when a Service this pod serves passes the class to its scheduler."""
+    passes_class = any(
+        svc.config.scheduling is SchedulingPolicy.PRIORITY
+        for svc, _port, _endpoint in own_endpoints(world, proxy)
+    )
+    return [scheduling.lua_filter()] if passes_class else []
 
 
 def _outbound_vhosts(services: Sequence[InferenceService], proxy: Proxy) -> list[Any]:
@@ -81,7 +101,10 @@ def generate(
     service's address and the adaptive multipliers.
     """
     services = served_services(world)
-    cluster_list, assignments = _outbound_clusters(services, sidecars, proxyless=proxy.proxyless)
+    options = limits or RateLimitOptions()
+    cluster_list, assignments = _outbound_clusters(
+        services, sidecars, options.weights, proxyless=proxy.proxyless
+    )
     listener_list: list[Any]
     route_list: list[Any]
     if proxy.proxyless:
@@ -94,9 +117,12 @@ def generate(
             )
         ]
     else:
-        inbound_clusters, inbound_vhosts = _inbound(world, proxy)
+        inbound_clusters, inbound_vhosts = _inbound(world, proxy, options)
         cluster_list.extend(inbound_clusters)
-        listener_list = [listeners.outbound_listener(proxy), listeners.inbound_listener(proxy)]
+        listener_list = [
+            listeners.outbound_listener(proxy),
+            listeners.inbound_listener(proxy, http_filters=_inbound_filters(world, proxy)),
+        ]
         route_list = [
             routes.route_configuration(names.OUTBOUND_ROUTE, _outbound_vhosts(services, proxy)),
             routes.route_configuration(names.INBOUND_ROUTE, inbound_vhosts),

@@ -4,11 +4,19 @@ GPU-backed endpoints go at EDS priority 0 and the others (fallback) at the next 
 so fallback hosts get traffic only when no healthy GPU-backed host is left. Priorities are
 kept dense: a Service with no GPU-backed endpoint has its fallback hosts at priority 0
 (gRPC rejects a priority list with a gap; for Envoy it changes nothing).
+
+Load-aware choice, with no per-request callout: the control plane reads each GPU-backed
+endpoint's queue (``vllm:num_requests_waiting``) and turns it into the endpoint's EDS
+``load_balancing_weight`` (:func:`queue_weight`); each caller's least-request balancer
+then weighs a pod's weight against its own in-flight requests to it. A pod whose queue
+grows gets new requests from every caller less often, whatever the class. While no
+endpoint of a port has a queue, no weight is set at all (the config is as without).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -41,6 +49,33 @@ TLS_MODE_ISTIO: Final = "istio"
 GPU_ZONE: Final = "gpu"
 FALLBACK_ZONE: Final = "fallback"
 
+#: The EDS weight of an endpoint with nothing queued. Each doubling of its queue halves
+#: it: 1 request waiting gives 64, 2 or 3 give 32, 4 to 7 give 16, down to 1.
+FULL_WEIGHT: Final = 128
+
+
+def queue_weight(waiting: float) -> int:
+    """An endpoint's ``load_balancing_weight`` from the requests queued at it.
+
+    Power-of-two steps, so that the weight (and with it every caller's EDS) changes only
+    when the queue doubles or halves, not with every request.
+    """
+    if not waiting >= 1:  # also NaN
+        return FULL_WEIGHT
+    return max(1, FULL_WEIGHT >> (int(math.log2(min(waiting, 2.0**30))) + 1))
+
+
+def endpoint_key(endpoint: Endpoint) -> str:
+    """The name the control plane's runtimes know an endpoint by (adaptive multipliers,
+    queue weights).
+
+    ``NAMESPACE/POD:PORT`` when the endpoint names its pod (readable on debug pages, and
+    stable while the pod lives), else ``ADDRESS:PORT``.
+    """
+    if endpoint.pod_name:
+        return f"{endpoint.pod_namespace}/{endpoint.pod_name}:{endpoint.port}"
+    return f"{endpoint.address}:{endpoint.port}"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -51,6 +86,8 @@ class Target:
     gpu: bool
     #: Reached through the pod's connected sidecar (its inbound listener), not directly.
     via_sidecar: bool
+    #: Its EDS weight (:func:`queue_weight`).
+    weight: int = FULL_WEIGHT
 
 
 def _is_wildcard(address: str) -> bool:
@@ -60,7 +97,9 @@ def _is_wildcard(address: str) -> bool:
         return False
 
 
-def endpoint_target(endpoint: Endpoint, sidecars: Mapping[tuple[str, str], Proxy]) -> Target:
+def endpoint_target(
+    endpoint: Endpoint, sidecars: Mapping[tuple[str, str], Proxy], weight: int = FULL_WEIGHT
+) -> Target:
     """Address ``endpoint`` through its pod's connected sidecar if there is one.
 
     The sidecar's inbound listener listens on its bind address: the pod IP (the
@@ -69,24 +108,29 @@ def endpoint_target(endpoint: Endpoint, sidecars: Mapping[tuple[str, str], Proxy
     key = endpoint.pod_key
     sidecar = sidecars.get(key) if key is not None else None
     if sidecar is None or sidecar.is_gateway or sidecar.proxyless:
-        return Target(endpoint.address, endpoint.port, endpoint.gpu, via_sidecar=False)
+        return Target(endpoint.address, endpoint.port, endpoint.gpu, False, weight)
     address = endpoint.address if _is_wildcard(sidecar.bind_address) else sidecar.bind_address
-    return Target(address, sidecar.inbound_port, endpoint.gpu, via_sidecar=True)
+    return Target(address, sidecar.inbound_port, endpoint.gpu, True, weight)
 
 
 def serving_targets(
-    svc: InferenceService, port: int, sidecars: Mapping[tuple[str, str], Proxy]
+    svc: InferenceService,
+    port: int,
+    sidecars: Mapping[tuple[str, str], Proxy],
+    weights: Mapping[str, int] | None = None,
 ) -> tuple[Target, ...]:
     """The targets that get ``svc``'s ``port`` traffic, GPU-backed first, then by address.
 
     Unready endpoints are left out. So, for a ``strict`` Service, are endpoints without a
     connected sidecar: they could only be reached in plaintext, which strict refuses.
+    ``weights`` (by :func:`endpoint_key`) are the queue weights; absent ones are full.
     """
     chosen: dict[tuple[str, int], Target] = {}
     for endpoint in svc.endpoints_for(port):
         if not endpoint.ready:
             continue
-        target = endpoint_target(endpoint, sidecars)
+        weight = weights.get(endpoint_key(endpoint), FULL_WEIGHT) if weights else FULL_WEIGHT
+        target = endpoint_target(endpoint, sidecars, weight)
         if svc.config.mtls is MtlsMode.STRICT and not target.via_sidecar:
             continue
         key = (target.address, target.port)
@@ -95,7 +139,7 @@ def serving_targets(
     return tuple(sorted(chosen.values(), key=lambda t: (not t.gpu, t.address, t.port)))
 
 
-def _lb_endpoint(target: Target) -> Any:
+def _lb_endpoint(target: Target, weighted: bool) -> Any:
     lb = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(
@@ -105,6 +149,8 @@ def _lb_endpoint(target: Target) -> Any:
             )
         ),
     )
+    if weighted:
+        lb.load_balancing_weight.value = target.weight
     if target.via_sidecar:
         marker = struct_pb2.Struct()
         marker.update({"tlsMode": TLS_MODE_ISTIO})
@@ -113,9 +159,10 @@ def _lb_endpoint(target: Target) -> Any:
 
 
 def _locality(zone: str, priority: int, targets: list[Target]) -> Any:
+    weighted = any(t.weight != FULL_WEIGHT for t in targets)
     return endpoint_components_pb2.LocalityLbEndpoints(
         locality=base_pb2.Locality(sub_zone=zone),
-        lb_endpoints=[_lb_endpoint(t) for t in targets],
+        lb_endpoints=[_lb_endpoint(t, weighted) for t in targets],
         load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
         priority=priority,
     )

@@ -22,8 +22,8 @@ from mesh.model import PRIORITIES, Endpoint, InferenceService, World
 from mesh.proxy import Proxy, ProxyKind
 from routing import names
 from routing.catalog import served_ports
-from routing.endpoints import TLS_MODE_KEY
-from routing.limits import RateLimitOptions, endpoint_key, endpoint_rates
+from routing.endpoints import TLS_MODE_KEY, endpoint_key
+from routing.limits import RateLimitOptions, endpoint_rates
 
 #: Longest list of pods named as allowed critical callers; the rest are counted.
 MAX_LISTED_CALLERS: Final = 50

@@ -101,6 +101,7 @@ from ratelimit.local import (
 )
 from routing import names
 from routing.catalog import own_endpoints, served_ports, served_services
+from routing.endpoints import endpoint_key
 from routing.listeners import ROUTER_FILTER
 from routing.protos import pack
 
@@ -155,28 +156,28 @@ class RateLimitOptions:
     #: The adaptive controller's multipliers, by :func:`endpoint_key`; an endpoint not in
     #: here has all multipliers at 1. Read only for Services with ``adaptive: "true"``.
     multipliers: Mapping[str, Multipliers] = field(default_factory=lambda: MappingProxyType({}))
+    #: EDS weights from the endpoints' queues, by :func:`endpoint_key`
+    #: (:func:`routing.endpoints.queue_weight`); an endpoint not in here has the full
+    #: weight. Every proxy reads them.
+    weights: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def endpoint_key(endpoint: Endpoint) -> str:
-    """The name the adaptive controller knows an endpoint by.
-
-    ``NAMESPACE/POD:PORT`` when the endpoint names its pod (readable on debug pages, and
-    stable while the pod lives), else ``ADDRESS:PORT``.
-    """
-    if endpoint.pod_name:
-        return f"{endpoint.pod_namespace}/{endpoint.pod_name}:{endpoint.port}"
-    return f"{endpoint.address}:{endpoint.port}"
+def steered(svc: InferenceService) -> bool:
+    """Whether the adaptive controller steers ``svc``'s limits: it is adaptive, and has a
+    rate limit or a concurrency cap to scale."""
+    return svc.config.adaptive and (bool(svc.config.rate_limit) or svc.config.caps_concurrency)
 
 
 def limit_key(world: World, proxy: Proxy, options: RateLimitOptions) -> Hashable:
-    """What :func:`apply` reads of ``options`` for ``proxy`` beyond what every proxy shares:
-    the multipliers of its own endpoints of adaptive Services. Proxies with equal routing
-    keys and equal limit keys get identical config."""
+    """What the translators read of ``options`` for ``proxy`` beyond what every proxy
+    shares: the multipliers of its own endpoints of steered Services (they scale its rate
+    limits and its inbound concurrency caps). Proxies with equal routing keys and equal
+    limit keys get identical config."""
     if not options.multipliers:
         return ()  # the usual case: nothing tightened anywhere
     found = []
     for svc, _port, endpoint in own_endpoints(world, proxy):
-        if not svc.config.adaptive or not svc.config.rate_limit:
+        if not steered(svc):
             continue
         key = endpoint_key(endpoint)
         mult = options.multipliers.get(key)

@@ -4,7 +4,8 @@ Names follow Istio where Istio has a convention, so that ``istioctl``-trained ey
 config dump without a glossary:
 
 * outbound clusters ``outbound|PORT|CLASS|HOST``, the priority class as Istio's subset;
-* inbound clusters ``inbound|PORT||HOST``, PORT being the Service port;
+* inbound clusters ``inbound|PORT|CLASS|HOST``, PORT being the Service port: one per class,
+  each admitting that class's share of the endpoint;
 * a sidecar's listeners ``virtualOutbound`` and ``virtualInbound``;
 * a gateway's listener ``BIND_PORT`` (``0.0.0.0_8080``) and its routes ``http.PORT``;
 * a proxyless gRPC target's listener and route configuration ``HOST:PORT``.
@@ -35,9 +36,10 @@ def outbound_cluster(port: int, priority: Priority, host: str) -> str:
     return f"{OUTBOUND}|{port}|{priority.value}|{host}"
 
 
-def inbound_cluster(port: int, host: str) -> str:
-    """``inbound|8000||llama.default.svc.cluster.local``: the sidecar's own workload."""
-    return f"{INBOUND}|{port}||{host}"
+def inbound_cluster(port: int, host: str, priority: Priority) -> str:
+    """``inbound|8000|sheddable|llama.default.svc.cluster.local``: the sidecar's own
+    workload, for one class."""
+    return f"{INBOUND}|{port}|{priority.value}|{host}"
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,17 @@ class Decision:
     cluster: str
     #: ``HIGH`` or ``DEFAULT``: the Envoy route priority.
     priority: str
-    #: The route timeout in seconds; None when the route sets none (Envoy's 15 s applies).
+    #: The route timeout in seconds; None when the route sets none (Envoy's 15 s
+    #: applies), 0 when it is off.
     timeout_s: float | None
     headers_added: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     retry_on: str = ""
     num_retries: int = 0
+    #: The route's idle timeout in seconds (no byte either way for that long ends the
+    #: request); None when the route sets none.
+    idle_timeout_s: float | None = None
+    #: Response headers, as ``(name, exact value)``, that the retry policy retries on.
+    retriable_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,11 +221,19 @@ def _decision(listener: Any, route_config: Any, vhost: Any, route: Any) -> Decis
         route=route.name,
         cluster=action.cluster,
         priority=base_pb2.RoutingPriority.Name(action.priority),
-        timeout_s=action.timeout.ToNanoseconds() / 1e9 if action.HasField("timeout") else None,
+        timeout_s=_seconds(action, "timeout"),
         headers_added=MappingProxyType(_headers_added(route_config, vhost, route)),
         retry_on=policy.retry_on,
         num_retries=policy.num_retries.value if action.HasField("retry_policy") else 0,
+        idle_timeout_s=_seconds(action, "idle_timeout"),
+        retriable_headers=tuple((m.name, m.string_match.exact) for m in policy.retriable_headers),
     )
+
+
+def _seconds(message: Any, name: str) -> float | None:
+    if not message.HasField(name):
+        return None
+    return float(getattr(message, name).ToNanoseconds() / 1e9)
 
 
 def route(

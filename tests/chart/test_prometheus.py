@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from bench.gpu_sim import SimConfig, start_sims
-from bench.load import LoadSpec, run_load
+from bench.load import Caller, LengthDist, LoadSpec, run_load
 from mesh.manifests import ManifestSource
 from tests.e2e.harness import (
     control_plane,
@@ -151,7 +151,7 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     require_envoy()
     prometheus_binary()
     configs = [
-        *(SimConfig(name=n, host=ip, slots=2, max_queue=2) for n, ip in GPU_PODS),
+        *(SimConfig.gpu_pod(n, ip, max_num_seqs=2) for n, ip in GPU_PODS),
         SimConfig.cpu_pod(CPU_POD[0], CPU_POD[1]),
     ]
     sims = await start_sims(configs)
@@ -162,7 +162,10 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
             for s in sims
         ]
         client = pod("chat-0", labels={"app": "chat"}, ip=CLIENT, service_account="chat")
-        write_manifests(manifest, [inference_service("llama"), *pods, client])
+        # The pods have no sidecars, so each caller caps a class itself: past its share of
+        # max-concurrency, requests are refused with 503 and the sheds panel has data.
+        capped = {"inferlane.io/max-concurrency": "2"}
+        write_manifests(manifest, [inference_service("llama", annotations=capped), *pods, client])
         node_id, metadata, outbound = sidecar(CLIENT, "chat-0", service_account="chat")
         async with (
             control_plane(ManifestSource(manifest)) as plane,
@@ -183,19 +186,21 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
                 await eventually(
                     lambda: _up(session, prom, len(jobs)), timeout=30, what="every target up"
                 )
-                # Over the GPU pool's capacity, so queues build and full pods shed (503).
+                # Over what the caps admit, so queues build and each caller sheds (503).
                 spec = LoadSpec(
-                    url=f"http://{CLIENT}:{outbound}",
+                    callers=(Caller("chat-0", 1.0, {c: 1 for c in sorted(CLASSES)}),),
                     host=HOST,
-                    rate_rps=150,
+                    rate_rps=60,
                     duration_s=3,
-                    mix={c: 1 for c in sorted(CLASSES)},
+                    # Short answers, so nothing waits for the deadline: the pods are small.
+                    output_lengths=LengthDist(median=8, sigma=0.5, low=2, high=32),
                     timeout_s=10,
                     seed=14,
                 )
-                load = asyncio.create_task(run_load(spec, progress=False))
+                urls = {"chat-0": f"http://{CLIENT}:{outbound}"}
+                load = asyncio.create_task(run_load(spec, urls, progress=False))
                 # A config change while Prometheus watches: pushes, ACKs, convergence.
-                timeout = {"inferlane.io/timeout": "critical=20s"}
+                timeout = {**capped, "inferlane.io/timeout": "critical=20s"}
                 objects = [inference_service("llama", annotations=timeout), *pods, client]
                 write_manifests(manifest, objects)
                 result = await load
@@ -215,17 +220,19 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
                             classes = {r["metric"].get("class") for r in found}
                             assert classes == CLASSES, (panel["title"], classes)
 
-                # Time to first token never exceeds the whole request.
-                ttft = await query(session, prom, _p99("envoy_inferlane_request_ttft_bucket"))
-                whole = await query(session, prom, _p99("envoy_inferlane_request_duration_bucket"))
-                assert float(ttft[0]["value"][1]) <= float(whole[0]["value"][1]) + 1
+                # Time to first token is recorded for answers that came from a model server,
+                # so never for more requests than the whole-request histogram (which also
+                # counts the sidecar's own refusals). That it measures the first byte, not
+                # the end, is checked on one stream in tests/e2e_admission/test_streams.py.
+                counts = {
+                    name: float((await query(session, prom, f"sum({name}_count)"))[0]["value"][1])
+                    for name in ("envoy_inferlane_request_ttft", "envoy_inferlane_request_duration")
+                }
+                ttft_n, whole_n = counts.values()
+                assert 0 < ttft_n < whole_n, counts
     finally:
         for sim in sims:
             await sim.stop()
-
-
-def _p99(metric: str) -> str:
-    return f"histogram_quantile(0.99, sum by (le) (rate({metric}[{RATE_INTERVAL}])))"
 
 
 async def _up(session: aiohttp.ClientSession, url: str, jobs: int) -> bool:

@@ -71,13 +71,14 @@ def _vhost(dump: dict[str, Any], route: str, name: str) -> dict[str, Any]:
 
 
 async def _envoy_route_timeout(envoy: Envoy, vhost: str, route: str) -> str | None:
+    """The class timeout of one route as Envoy holds it: the route's idle timeout."""
     dump = await envoy.admin_json("/config_dump?resource=dynamic_route_configs")
     for config in dump["configs"]:
         for host in config["route_config"].get("virtual_hosts", []):
             if host["name"] == vhost:
                 for entry in host["routes"]:
                     if entry["name"] == route:
-                        return str(entry["route"]["timeout"])
+                        return str(entry["route"]["idle_timeout"])
     return None
 
 

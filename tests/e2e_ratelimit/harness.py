@@ -83,6 +83,19 @@ async def inbound_bucket_ms(envoy: Envoy, priority: str) -> float | None:
     return None
 
 
+async def inbound_cap(envoy: Envoy, priority: str) -> int | None:
+    """The most requests of ``priority`` the sidecar's inbound cluster admits at once, as
+    Envoy holds it (its DEFAULT circuit-breaker threshold); None without that cluster."""
+    dump = await envoy.admin_json("/config_dump?resource=dynamic_active_clusters")
+    for entry in dump.get("configs", []):
+        cluster = entry.get("cluster", {})
+        name = cluster.get("name", "")
+        if name.startswith("inbound|") and name.split("|")[2] == priority:
+            thresholds = cluster.get("circuit_breakers", {}).get("thresholds", [{}])
+            return int(thresholds[0].get("max_requests", 1024))
+    return None
+
+
 async def rds_updates(envoy: Envoy, route_config: str = "inbound") -> int:
     """Updates of one route configuration Envoy accepted over its lifetime. (A SotW route
     response carries every route configuration, so each subscription counts each push.)"""

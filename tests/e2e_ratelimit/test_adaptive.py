@@ -1,11 +1,13 @@
 """Issue 5, #2: adaptive limits follow one backend's saturation, and only its config moves.
 
 Two simulated GPU pods (bench/gpu_sim.py, 2 slots, 100 ms per request) serve ``llama``
-(``adaptive: "true"``, ``rate-limit: sheddable=20``), each behind its own sidecar. The
-control plane scrapes their vLLM gauges every 100 ms, with a controller tuned to react in
-tenths of seconds. Load sent straight to gpu-0 fills its queue:
+(``adaptive: "true"``, ``rate-limit: sheddable=20``, ``max-concurrency: "8"``), each
+behind its own sidecar. The control plane scrapes their vLLM gauges every 100 ms, with a
+controller tuned to react in tenths of seconds. Load sent straight to gpu-0 fills its
+queue:
 
-- gpu-0's sheddable bucket tightens, in its own sidecar, within a few seconds;
+- gpu-0's sheddable bucket and its sheddable concurrency cap (4: half of 8) tighten, in
+  its own sidecar, within a few seconds;
 - once the load stops it recovers to the annotation's rate;
 - the number of changes stays within the controller's budget, and gpu-0's sidecar takes
   at most one route update per change;
@@ -23,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.gpu_sim import RunningSim, SimConfig, start_sim
+from bench.gpu_sim import RunningSim, SimConfig, StepCost, start_sim
 from mesh.model import PRIORITY_HEADER, Priority
 from ratelimit.adaptive import AdaptiveSettings
 from tests.e2e.harness import envoy_versions
@@ -40,6 +42,7 @@ from tests.e2e_ratelimit.harness import (
     admin_get,
     control_plane,
     inbound_bucket_ms,
+    inbound_cap,
     rds_updates,
     sample,
     serve_settings,
@@ -54,6 +57,8 @@ GPU0, GPU1, CHAT = "127.0.73.1", "127.0.73.2", "127.0.73.10"
 LLAMA = f"llama:{SERVICE_PORT}"
 #: The annotation's 20 rps is one token per 50 ms.
 FULL_MS = 50.0
+#: Sheddable's share of max-concurrency 8.
+FULL_CAP = 4
 CHANGES_PER_MINUTE = 60.0
 CONTROLLER = AdaptiveSettings(
     tighten_hold_s=0.3, loosen_hold_s=0.4, max_changes_per_minute=CHANGES_PER_MINUTE
@@ -62,7 +67,7 @@ WORKERS = 12
 
 
 def _sim(name: str, host: str) -> SimConfig:
-    return SimConfig(name=name, host=host, slots=2, prefill_ms=0.0, ms_per_token=10.0)
+    return SimConfig(name=name, host=host, max_num_seqs=2, cost=StepCost.flat(10.0))
 
 
 async def _flood(session: aiohttp.ClientSession, sim: RunningSim) -> None:
@@ -88,7 +93,11 @@ async def test_adaptive_limits_tighten_and_recover_on_one_endpoint(tmp_path: Pat
             [
                 inference_service(
                     "llama",
-                    {"inferlane.io/adaptive": "true", "inferlane.io/rate-limit": "sheddable=20"},
+                    {
+                        "inferlane.io/adaptive": "true",
+                        "inferlane.io/rate-limit": "sheddable=20",
+                        "inferlane.io/max-concurrency": "8",
+                    },
                 ),
                 llama_pod("gpu-0", GPU0, sim0.port),
                 llama_pod("gpu-1", GPU1, sim1.port),
@@ -117,6 +126,7 @@ async def test_adaptive_limits_tighten_and_recover_on_one_endpoint(tmp_path: Pat
                     status == 200
                     and await inbound_bucket_ms(envoy0, "sheddable") == FULL_MS
                     and await inbound_bucket_ms(envoy1, "sheddable") == FULL_MS
+                    and await inbound_cap(envoy0, "sheddable") == FULL_CAP
                 )
 
             await eventually(settled, timeout=15, what="both sidecars configured")
@@ -129,9 +139,10 @@ async def test_adaptive_limits_tighten_and_recover_on_one_endpoint(tmp_path: Pat
 
                 async def tightened() -> bool:
                     ms = await inbound_bucket_ms(envoy0, "sheddable")
-                    return ms is not None and ms > FULL_MS
+                    cap = await inbound_cap(envoy0, "sheddable")
+                    return ms is not None and ms > FULL_MS and cap is not None and cap < FULL_CAP
 
-                await eventually(tightened, timeout=5, what="gpu-0's sheddable bucket tightens")
+                await eventually(tightened, timeout=5, what="gpu-0's sheddable limits tighten")
                 took = time.monotonic() - began
             finally:
                 flood.cancel()
@@ -142,8 +153,10 @@ async def test_adaptive_limits_tighten_and_recover_on_one_endpoint(tmp_path: Pat
 
             async def recovered() -> bool:
                 mult = plane.ratelimits.controller.multipliers(key0)
-                return all(m == 1.0 for m in mult.values()) and (
-                    await inbound_bucket_ms(envoy0, "sheddable") == FULL_MS
+                return (
+                    all(m == 1.0 for m in mult.values())
+                    and await inbound_bucket_ms(envoy0, "sheddable") == FULL_MS
+                    and await inbound_cap(envoy0, "sheddable") == FULL_CAP
                 )
 
             await eventually(recovered, timeout=20, interval=0.1, what="gpu-0 recovers")
@@ -164,6 +177,7 @@ async def test_adaptive_limits_tighten_and_recover_on_one_endpoint(tmp_path: Pat
             (entry,) = [e for e in debug["adaptive"]["endpoints"] if e["endpoint"] == key0]
             assert entry["last_change_reason"].startswith("loosen")
             assert entry["rates"] == {"sheddable": 20.0}
+            assert entry["concurrency"] == {"standard": 6, "sheddable": FULL_CAP}
     finally:
         await sim0.stop()
         await sim1.stop()

@@ -27,12 +27,12 @@ from mesh.model import Priority, ServiceConfig, World
 from mesh.proxy import Proxy
 from ratelimit.local import LOCAL_RATELIMIT_FILTER
 from routing import generate, names
+from routing.endpoints import endpoint_key
 from routing.limits import (
     RLS_CLUSTER,
     RateLimitOptions,
     RlsAddress,
     apply_limits,
-    endpoint_key,
     limit_key,
 )
 from tests.routing.factories import config, endpoint, gateway, proxy, service, world

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import pytest
 from aiohttp import web
 
 from mesh.model import Endpoint, InferenceService, Priority, ServiceConfig, ServicePort, World
 from ratelimit.adaptive import AdaptiveSettings
 from ratelimit.rules import rules_from_world
+from routing.endpoints import FULL_WEIGHT, queue_weight
 from xds_server.rls.runtime import RateLimitRuntime, RateLimitSettings, adaptive_targets
 
 HOSTS = ("127.0.74.1", "127.0.74.2", "127.0.74.3")
@@ -162,6 +164,47 @@ async def test_steps_scrape_each_endpoint_and_push_only_on_change() -> None:
             await runtime.stop()
 
 
+async def test_queue_weights_follow_each_gpu_endpoints_queue_and_push_only_on_change() -> None:
+    async with fake_servers() as servers:
+        changes: list[int] = []
+        runtime = RateLimitRuntime(
+            RateLimitSettings(scrape_timeout_s=0.3, queue_weights=True),
+            on_change=lambda: changes.append(1),
+        )
+        try:
+            # Not adaptive: the queues are scraped for the weights alone.
+            runtime.set_world(_world(servers, adaptive=False))
+            assert runtime.targets == {}
+            keys = [f"default/gpu-{i}:{s.port}" for i, s in enumerate(servers)]
+            assert await runtime.step() == []  # nothing queued: every weight full
+            assert runtime.options().weights == {}
+            servers[0].waiting = 3
+            assert await runtime.step() == [keys[0]]
+            assert runtime.options().weights == {keys[0]: 32}
+            servers[0].waiting = 2  # the same power-of-two step: no push
+            assert await runtime.step() == []
+            servers[0].waiting = 0
+            servers[1].waiting = 40
+            assert sorted(await runtime.step()) == sorted(keys[:2])
+            assert runtime.options().weights == {keys[1]: 2}
+            servers[1].delay_s = 1.0  # a failed scrape: back to full, no stale steering
+            assert await runtime.step() == [keys[1]]
+            assert runtime.options().weights == {}
+            assert changes == [1, 1, 1]
+            assert runtime.describe()["queue_weights"]["endpoints"][keys[2]] == FULL_WEIGHT
+        finally:
+            await runtime.stop()
+
+
+@pytest.mark.parametrize(
+    ("waiting", "weight"),
+    [(0, 128), (0.5, 128), (1, 64), (2, 32), (3, 32), (4, 16), (7, 16), (100, 1), (1e12, 1)],
+)
+def test_queue_weight_halves_with_each_doubling_of_the_queue(waiting: float, weight: int) -> None:
+    assert queue_weight(waiting) == weight
+    assert queue_weight(float("nan")) == FULL_WEIGHT
+
+
 def test_targets_skip_unready_endpoints_and_services_without_a_rate_limit() -> None:
     servers = [FakeServer(port=9000 + i) for i in range(3)]
     world = _world(servers)
@@ -175,6 +218,10 @@ def test_targets_skip_unready_endpoints_and_services_without_a_rate_limit() -> N
     unlimited = ServiceConfig(enabled=True, adaptive=True)
     bare = World(services=(svc.__class__(**{**svc.__dict__, "config": unlimited}),))
     assert adaptive_targets(bare) == {}
+    # A concurrency cap alone is something to steer: no rate limit needed.
+    capped = ServiceConfig(enabled=True, adaptive=True, max_concurrency=8)
+    only_caps = World(services=(svc.__class__(**{**svc.__dict__, "config": capped}),))
+    assert set(adaptive_targets(only_caps)) == set(adaptive_targets(world))
 
 
 def test_bad_settings_are_refused() -> None:

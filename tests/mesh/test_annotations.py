@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.annotations import KNOWN_ANNOTATIONS, PREFIX, parse_service_config
-from mesh.model import DEFAULT_TIMEOUT_S, MtlsMode, Priority, ServiceConfig
+from mesh.model import DEFAULT_TIMEOUT_S, MtlsMode, Priority, SchedulingPolicy, ServiceConfig
 
 C, S, H = Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE
 
@@ -92,6 +92,12 @@ def test_timeout_durations(value: str, seconds: float) -> None:
         ("max-concurrency", "-3", "positive whole number"),
         ("max-concurrency", "2.5", "positive whole number"),
         ("max-concurrency", "99999999999", "at most"),
+        ("max-concurrency", "8,4", "total twice"),
+        ("max-concurrency", "8,sheddable=0", "positive whole number"),
+        ("max-concurrency", "8,urgent=2", "not a class"),
+        ("max-concurrency", "8,sheddable=2,Sheddable=3", "given twice"),
+        ("max-concurrency", ",", "positive whole number"),
+        ("scheduling-policy", "lifo", '"fcfs" or "priority"'),
         ("rate-limit", "standard", "not class=value"),
         ("rate-limit", "standard=0", "positive"),
         ("rate-limit", "standard=-1", "not a number"),
@@ -139,6 +145,7 @@ def test_a_bad_value_is_one_error_and_its_default(
         "global-rate-limit": "global_rate_limit",
         "timeout": "timeouts",
         "critical-callers": "critical_callers",
+        "scheduling-policy": "scheduling",
     }[annotation]
     defaults = ServiceConfig()
     assert getattr(config, field) == getattr(defaults, field)
@@ -147,6 +154,62 @@ def test_a_bad_value_is_one_error_and_its_default(
         assert config.enabled
     if annotation != "mtls":
         assert config.mtls is MtlsMode.STRICT
+
+
+@pytest.mark.parametrize(
+    ("value", "total", "per_class"),
+    [
+        ("64", 64, {}),
+        ("64, sheddable=8", 64, {H: 8}),
+        ("Critical=100,sheddable=4", None, {C: 100, H: 4}),
+        ("standard=6,32", 32, {S: 6}),
+    ],
+)
+def test_max_concurrency_takes_a_total_and_caps_per_class(
+    value: str, total: int | None, per_class: dict[Priority, int]
+) -> None:
+    config, errors = parse_service_config({"inferlane.io/max-concurrency": value})
+    assert errors == ()
+    assert config.max_concurrency == total
+    assert dict(config.class_concurrency) == per_class
+
+
+def test_class_caps_default_to_shares_and_critical_to_none() -> None:
+    config, _ = parse_service_config({"inferlane.io/max-concurrency": "64,sheddable=8"})
+    assert config.concurrency_for(C) is None
+    assert config.concurrency_for(S) == 48.0
+    assert config.concurrency_for(H) == 8.0
+    named, _ = parse_service_config({"inferlane.io/max-concurrency": "critical=60"})
+    assert (named.concurrency_for(C), named.concurrency_for(S)) == (60.0, None)
+
+
+def test_scheduling_policy() -> None:
+    assert parse_service_config({})[0].scheduling is SchedulingPolicy.FCFS
+    config, errors = parse_service_config({"inferlane.io/scheduling-policy": "Priority"})
+    assert errors == ()
+    assert config.scheduling is SchedulingPolicy.PRIORITY
+
+
+@pytest.mark.parametrize(
+    ("others", "steers"),
+    [
+        ({}, False),
+        ({"inferlane.io/max-concurrency": "8"}, True),
+        ({"inferlane.io/max-concurrency": "sheddable=2"}, True),
+        ({"inferlane.io/rate-limit": "sheddable=5"}, True),
+        ({"inferlane.io/rate-limit": "sheddable=fast"}, False),
+    ],
+)
+def test_adaptive_needs_a_limit_to_steer(others: dict[str, str], steers: bool) -> None:
+    config, errors = parse_service_config({"inferlane.io/adaptive": "true", **others})
+    assert config.adaptive is steers
+    adaptive_errors = [e for e in errors if e.annotation == "inferlane.io/adaptive"]
+    if steers:
+        assert not adaptive_errors
+    else:
+        (error,) = adaptive_errors
+        assert "nothing to steer" in error.message
+    assert [e.annotation for e in errors] == sorted(e.annotation for e in errors)
 
 
 def test_several_bad_values_give_several_errors_sorted_by_annotation() -> None:
@@ -218,6 +281,7 @@ def test_every_known_annotation_is_in_the_spec_table() -> None:
             "adaptive",
             "global-rate-limit",
             "mtls",
+            "scheduling-policy",
             "timeout",
         )
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import pytest
@@ -196,17 +197,25 @@ def test_class_limits_scale_rates_and_concurrency_shares() -> None:
     )
     static = class_limits(config)
     assert dict(static.rate) == {Priority.STANDARD: 20.0, Priority.SHEDDABLE: 5.0}
-    assert dict(static.concurrency) == {
-        Priority.CRITICAL: 64,
-        Priority.STANDARD: 51,
-        Priority.SHEDDABLE: 32,
-    }
+    # critical is not capped: it has no share, and the Service names no cap for it.
+    assert dict(static.concurrency) == {Priority.STANDARD: 48, Priority.SHEDDABLE: 32}
     tight = class_limits(
         config, {Priority.CRITICAL: 1.0, Priority.STANDARD: 0.5, Priority.SHEDDABLE: 0.125}
     )
     assert dict(tight.rate) == {Priority.STANDARD: 10.0, Priority.SHEDDABLE: 0.625}
-    assert tight.concurrency[Priority.SHEDDABLE] == 4
+    assert dict(tight.concurrency) == {Priority.STANDARD: 24, Priority.SHEDDABLE: 4}
     assert Priority.CRITICAL not in tight.rate  # never limited unless named
+    # A cap the Service names replaces the share, and is scaled the same way; naming
+    # critical caps it.
+    named = dataclasses.replace(
+        config,
+        class_concurrency=MappingProxyType({Priority.CRITICAL: 60, Priority.SHEDDABLE: 10}),
+    )
+    assert dict(class_limits(named, {Priority.CRITICAL: 0.8}).concurrency) == {
+        Priority.CRITICAL: 48,
+        Priority.STANDARD: 48,
+        Priority.SHEDDABLE: 10,
+    }
     # Multipliers only apply to adaptive Services.
     fixed = class_limits(ServiceConfig(rate_limit=config.rate_limit), {Priority.STANDARD: 0.5})
     assert fixed.rate[Priority.STANDARD] == 20.0

@@ -67,32 +67,41 @@ def test_class_route_settings() -> None:
     critical = _route(resources, x_inference_priority="critical")
     standard = _route(resources, x_inference_priority="standard")
     sheddable = _route(resources, x_inference_priority="sheddable")
-    assert (critical.priority, critical.timeout_s, critical.num_retries) == ("HIGH", 30.0, 2)
+    # The class timeout is an idle timeout, and the total timeout is off: a stream that
+    # keeps producing tokens is never cut.
+    assert [(d.timeout_s, d.idle_timeout_s) for d in (critical, standard, sheddable)] == [
+        (0.0, 30.0),
+        (0.0, 300.0),
+        (0.0, 120.5),
+    ]
+    assert (critical.priority, critical.num_retries) == ("HIGH", 2)
     assert set(critical.retry_on.split(",")) == {
         "reset",
         "connect-failure",
         "refused-stream",
         "retriable-status-codes",
     }
-    assert (standard.priority, standard.timeout_s, standard.num_retries) == ("DEFAULT", 300.0, 1)
-    assert standard.retry_on == "connect-failure,refused-stream"
-    assert (sheddable.priority, sheddable.timeout_s, sheddable.num_retries) == (
-        "DEFAULT",
-        120.5,
-        0,
-    )
+    assert (standard.priority, standard.num_retries) == ("DEFAULT", 3)
+    assert standard.retry_on == "connect-failure,refused-stream,retriable-headers"
+    # Sheddable is retried only when a full endpoint refuses it, never on errors.
+    assert (sheddable.priority, sheddable.num_retries) == ("DEFAULT", 3)
+    assert sheddable.retry_on == "retriable-headers"
+    refusal = ("x-inferlane-refused", "concurrency")
+    assert standard.retriable_headers == sheddable.retriable_headers == (refusal,)
 
 
-def test_critical_retries_avoid_the_host_that_failed() -> None:
+@pytest.mark.parametrize("priority", list(Priority))
+def test_retries_avoid_the_hosts_already_tried(priority: Priority) -> None:
     resources = build(llama_world(), proxy(), {})
     (outbound,) = [r for r in resources[xds.ROUTE] if r.name == "outbound"]
-    critical = outbound.virtual_hosts[0].routes[0]
-    policy = critical.route.retry_policy
+    (route,) = [r for r in outbound.virtual_hosts[0].routes if r.name == priority.value]
+    policy = route.route.retry_policy
     assert [p.name for p in policy.retry_host_predicate] == [
         "envoy.retry_host_predicates.previous_hosts"
     ]
     assert policy.host_selection_retry_max_attempts >= 3
-    assert list(policy.retriable_status_codes) == [503]
+    if priority is Priority.CRITICAL:  # any 503, a refusal included
+        assert list(policy.retriable_status_codes) == [503]
 
 
 CLAMPED = config(callers=["prod/api"])
@@ -244,10 +253,17 @@ def test_inbound_forwards_to_the_pods_own_workload() -> None:
     me = proxy(pod="gpu-0", ip="10.0.0.1")
     resources = build(llama_world(), me, {})
     decision = _route(resources, "llama.default:8000", port=15006, x_inference_priority="critical")
-    assert decision.cluster == "inbound|8000||llama.default.svc.cluster.local"
+    assert decision.cluster == "inbound|8000|critical|llama.default.svc.cluster.local"
     assert (decision.route, decision.priority) == ("critical", "HIGH")
     assert decision.headers_added == {}
-    assert _route(resources, "llama", port=15006).route == "default"
+    # The inbound side does not retry: the caller retries on another endpoint.
+    assert decision.num_retries == 0
+    assert (decision.timeout_s, decision.idle_timeout_s) == (0.0, 300.0)
+    default = _route(resources, "llama", port=15006)
+    assert (default.route, default.cluster) == (
+        "default",
+        "inbound|8000|standard|llama.default.svc.cluster.local",
+    )
 
 
 def test_inbound_is_empty_for_a_pod_that_serves_nothing() -> None:
@@ -261,7 +277,7 @@ def test_inbound_matches_by_address_when_the_endpoint_names_no_pod() -> None:
     svc = service(endpoints=[endpoint("10.0.0.7", gpu=True)])
     resources = build(world(svc), proxy(pod="anything", ip="10.0.0.7"), {})
     assert _route(resources, "llama", port=15006).cluster == (
-        "inbound|8000||llama.default.svc.cluster.local"
+        "inbound|8000|standard|llama.default.svc.cluster.local"
     )
 
 

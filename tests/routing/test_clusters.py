@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -9,8 +10,10 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from mesh import xds
-from mesh.model import Priority
-from routing import clusters
+from mesh.model import Priority, ServiceConfig
+from routing import clusters, generate
+from routing.endpoints import Target
+from routing.limits import RateLimitOptions
 from tests.routing.factories import build, cluster_name, config, llama_world, proxy
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -25,30 +28,58 @@ def _thresholds(cluster: Any) -> dict[int, Any]:
     return {t.priority: t for t in cluster.circuit_breakers.thresholds}
 
 
+def _targets(gpu: int, fallback: int = 0, *, via_sidecar: bool = False) -> list[Target]:
+    return [Target(f"10.0.0.{i}", 9000, i < gpu, via_sidecar) for i in range(gpu + fallback)]
+
+
 @pytest.mark.parametrize(
-    ("priority", "max_concurrency", "ready", "cap"),
+    ("priority", "max_concurrency", "gpu", "fallback", "cap"),
     [
-        (Priority.CRITICAL, 8, 2, None),
-        (Priority.STANDARD, 8, 2, 12),
-        (Priority.SHEDDABLE, 8, 2, 8),
-        (Priority.STANDARD, 3, 1, 2),
-        (Priority.SHEDDABLE, 1, 1, 1),
-        (Priority.SHEDDABLE, 8, 0, 1),
-        (Priority.STANDARD, None, 2, None),
+        (Priority.CRITICAL, 8, 2, 0, None),
+        (Priority.STANDARD, 8, 2, 0, 12),
+        (Priority.SHEDDABLE, 8, 2, 0, 8),
+        # The fallback pod does not count while a GPU-backed one serves.
+        (Priority.SHEDDABLE, 8, 2, 1, 8),
+        (Priority.SHEDDABLE, 8, 0, 2, 8),
+        (Priority.STANDARD, 3, 1, 0, 2),
+        (Priority.SHEDDABLE, 1, 1, 0, 1),
+        (Priority.SHEDDABLE, 8, 0, 0, None),  # nothing to cap
+        (Priority.STANDARD, None, 2, 0, None),
     ],
 )
-def test_class_limits(
-    priority: Priority, max_concurrency: int | None, ready: int, cap: int | None
+def test_callers_cap_a_class_only_for_endpoints_without_a_sidecar(
+    priority: Priority, max_concurrency: int | None, gpu: int, fallback: int, cap: int | None
 ) -> None:
-    limits = clusters.class_limits(config(max_concurrency=max_concurrency), priority, ready)
+    cfg = config(max_concurrency=max_concurrency)
+    limits = clusters.caller_limits(cfg, priority, _targets(gpu, fallback))
     if cap is None:
-        assert limits == clusters.GENEROUS_LIMITS
+        assert limits.max_requests == clusters.GENEROUS
     else:
         assert (limits.max_requests, limits.max_pending_requests, limits.max_connections) == (
             cap,
             cap,
             cap,
         )
+    # Behind sidecars the endpoints admit each class themselves: callers never cap.
+    behind = clusters.caller_limits(cfg, priority, _targets(gpu, fallback, via_sidecar=True))
+    assert behind.max_requests == clusters.GENEROUS
+
+
+@pytest.mark.parametrize("priority", list(Priority))
+def test_lower_classes_retry_within_a_budget(priority: Priority) -> None:
+    pods = ("gpu-0", "gpu-1", "cpu-0")
+    sidecars = {("default", p): proxy(pod=p, ip=f"10.0.0.{i + 1}") for i, p in enumerate(pods)}
+    resources = build(llama_world(config(max_concurrency=4)), proxy(), sidecars)
+    thresholds = _thresholds(_cluster(resources, cluster_name(priority)))
+    # The thresholds of the route priority the class's routes use.
+    used = thresholds[base_pb2.HIGH if priority is Priority.CRITICAL else base_pb2.DEFAULT]
+    assert used.max_requests.value == clusters.GENEROUS
+    if priority is Priority.CRITICAL:
+        assert not used.HasField("retry_budget")
+        assert used.max_retries.value == clusters.GENEROUS
+    else:
+        assert used.retry_budget.budget_percent.value == clusters.RETRY_BUDGET_PERCENT
+        assert used.retry_budget.min_retry_concurrency.value == clusters.RETRY_BUDGET_MIN
 
 
 @pytest.mark.parametrize("priority", list(Priority))
@@ -67,7 +98,7 @@ def test_class_cluster_shape(priority: Priority) -> None:
     assert options.explicit_http_config.HasField("http_protocol_options")
 
 
-def test_critical_high_thresholds_are_generous() -> None:
+def test_caller_thresholds_are_generous_at_high_priority() -> None:
     resources = build(llama_world(config(max_concurrency=4)), proxy(), {})
     for priority in Priority:
         high = _thresholds(_cluster(resources, cluster_name(priority)))[base_pb2.HIGH]
@@ -76,14 +107,14 @@ def test_critical_high_thresholds_are_generous() -> None:
     assert critical[base_pb2.DEFAULT].max_requests.value == clusters.GENEROUS
 
 
-def test_lower_classes_get_a_share_of_ready_capacity() -> None:
-    # Two GPU endpoints and one fallback are ready: capacity 4 x 3 = 12.
+def test_lower_classes_get_a_share_of_serving_capacity_without_sidecars() -> None:
+    # Two GPU endpoints serve (the fallback does not count): capacity 4 x 2 = 8.
     resources = build(llama_world(config(max_concurrency=4)), proxy(), {})
     standard = _thresholds(_cluster(resources, cluster_name(Priority.STANDARD)))
     sheddable = _thresholds(_cluster(resources, cluster_name(Priority.SHEDDABLE)))
-    assert standard[base_pb2.DEFAULT].max_requests.value == 9
-    assert standard[base_pb2.DEFAULT].max_pending_requests.value == 9
-    assert sheddable[base_pb2.DEFAULT].max_requests.value == 6
+    assert standard[base_pb2.DEFAULT].max_requests.value == 6
+    assert standard[base_pb2.DEFAULT].max_pending_requests.value == 6
+    assert sheddable[base_pb2.DEFAULT].max_requests.value == 4
 
 
 def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
@@ -93,19 +124,69 @@ def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:
         assert not cluster.typed_extension_protocol_options
 
 
+def _inbound(resources: Any, priority: Priority) -> Any:
+    return _cluster(resources, f"inbound|8000|{priority.value}|llama.default.svc.cluster.local")
+
+
 @pytest.mark.parametrize(("workload", "expected"), [(None, "127.0.0.1"), ("::1", "::1")])
-def test_inbound_cluster_targets_the_workload_over_loopback(
+def test_inbound_clusters_are_static_at_the_workload_over_loopback(
     workload: str | None, expected: str
 ) -> None:
-    """The pod's own port on loopback, never the pod IP: the workload need not listen where
-    other pods reach it (issue 11, #12)."""
+    """Every class's inbound cluster: the pod's own port on loopback, never the pod IP: the
+    workload need not listen where other pods reach it."""
     me = proxy(pod="gpu-0", ip="10.0.0.1")
     if workload is not None:
         me = dataclasses.replace(me, workload_address=workload)
     resources = build(llama_world(), me, {})
-    inbound = _cluster(resources, "inbound|8000||llama.default.svc.cluster.local")
-    assert inbound.type == cluster_pb2.Cluster.STATIC
-    (locality,) = inbound.load_assignment.endpoints
-    (lb,) = locality.lb_endpoints
-    address = lb.endpoint.address.socket_address
-    assert (address.address, address.port_value) == (expected, 9000)
+    for priority in Priority:
+        inbound = _inbound(resources, priority)
+        assert inbound.type == cluster_pb2.Cluster.STATIC
+        (locality,) = inbound.load_assignment.endpoints
+        (lb,) = locality.lb_endpoints
+        address = lb.endpoint.address.socket_address
+        assert (address.address, address.port_value) == (expected, 9000)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "caps"),
+    [
+        # Shares of max-concurrency; critical has none.
+        (config(max_concurrency=8), {Priority.STANDARD: 6, Priority.SHEDDABLE: 4}),
+        (config(max_concurrency=1), {Priority.STANDARD: 1, Priority.SHEDDABLE: 1}),
+        # A cap the Service names replaces the share; naming critical caps it.
+        (
+            dataclasses.replace(
+                config(max_concurrency=8),
+                class_concurrency=MappingProxyType({Priority.CRITICAL: 9, Priority.SHEDDABLE: 2}),
+            ),
+            {Priority.CRITICAL: 9, Priority.STANDARD: 6, Priority.SHEDDABLE: 2},
+        ),
+        (config(), {}),
+    ],
+)
+def test_inbound_clusters_admit_each_class_its_cap_of_this_endpoint(
+    annotation: ServiceConfig, caps: dict[Priority, int]
+) -> None:
+    resources = build(llama_world(annotation), proxy(pod="gpu-0", ip="10.0.0.1"), {})
+    for priority in Priority:
+        thresholds = _thresholds(_inbound(resources, priority))
+        for level in (base_pb2.DEFAULT, base_pb2.HIGH):
+            t = thresholds[level]
+            assert t.max_requests.value == caps.get(priority, clusters.GENEROUS)
+            # Over the cap is refused, never queued: connections and pending are unbounded.
+            assert t.max_connections.value == t.max_pending_requests.value == clusters.GENEROUS
+
+
+def test_inbound_caps_follow_this_endpoints_adaptive_multipliers() -> None:
+    adaptive = dataclasses.replace(config(max_concurrency=8), adaptive=True)
+    the_world = llama_world(adaptive)
+    options = RateLimitOptions(
+        multipliers=MappingProxyType(
+            {"default/gpu-0:9000": MappingProxyType({Priority.SHEDDABLE: 0.25})}
+        )
+    )
+    mine = generate(the_world, proxy(pod="gpu-0", ip="10.0.0.1"), {}, limits=options)
+    other = generate(the_world, proxy(pod="gpu-1", ip="10.0.0.2"), {}, limits=options)
+    assert _thresholds(_inbound(mine, Priority.SHEDDABLE))[0].max_requests.value == 1
+    assert _thresholds(_inbound(mine, Priority.STANDARD))[0].max_requests.value == 6
+    assert _thresholds(_inbound(other, Priority.SHEDDABLE))[0].max_requests.value == 4

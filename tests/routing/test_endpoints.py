@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from mesh import xds
 from mesh.model import MtlsMode, Priority
-from routing import endpoints, simulate
+from routing import endpoints, generate, simulate
+from routing.limits import RateLimitOptions
 from routing.simulate import SimEndpoint
 from tests.routing.factories import (
     build,
@@ -129,3 +131,25 @@ def test_many_gpu_hosts_with_one_healthy_keep_all_load() -> None:
     resources = build(world(svc), proxy(), {})
     unhealthy = frozenset((e.address, e.port) for e in gpus[1:])
     assert simulate.priority_loads(resources, CRITICAL, unhealthy) == (100, 0)
+
+
+def test_queue_weights_weigh_every_endpoint_of_a_priority_or_none() -> None:
+    the_world = llama_world()
+    plain = build(the_world, proxy(), {})
+    (assignment,) = [
+        a for a in plain[xds.ENDPOINT] if a.cluster_name == cluster_name(Priority.STANDARD)
+    ]
+    for locality in assignment.endpoints:
+        assert not any(lb.HasField("load_balancing_weight") for lb in locality.lb_endpoints)
+    weights = MappingProxyType({"default/gpu-0:9000": 8})
+    weighed: Any = generate(the_world, proxy(), {}, limits=RateLimitOptions(weights=weights))
+    for priority in Priority:
+        (found,) = [a for a in weighed[xds.ENDPOINT] if a.cluster_name == cluster_name(priority)]
+        gpu, fallback = found.endpoints
+        by_address = {
+            lb.endpoint.address.socket_address.address: lb.load_balancing_weight.value
+            for lb in gpu.lb_endpoints
+        }
+        assert by_address == {"10.0.0.1": 8, "10.0.0.2": endpoints.FULL_WEIGHT}
+        # The fallback has no queue: it keeps Envoy's default weighting.
+        assert not fallback.lb_endpoints[0].HasField("load_balancing_weight")

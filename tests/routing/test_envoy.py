@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 from envoy.config.core.v3 import health_check_pb2
 
-from mesh.model import MtlsMode, Priority
+from mesh.model import MtlsMode, Priority, SchedulingPolicy
 from mesh.proxy import Proxy
 from routing import names
 from tests.routing.envoy_static import (
@@ -32,12 +34,17 @@ pytestmark = [
 
 
 def _rich_world() -> Any:
+    llama = config(
+        callers=["prod/api", "spiffe://cluster.local/ns/ops/sa/admin"],
+        max_concurrency=16,
+        timeouts={Priority.CRITICAL: 30.0},
+    )
     return world(
         service(
-            cfg=config(
-                callers=["prod/api", "spiffe://cluster.local/ns/ops/sa/admin"],
-                max_concurrency=16,
-                timeouts={Priority.CRITICAL: 30.0},
+            cfg=dataclasses.replace(
+                llama,
+                scheduling=SchedulingPolicy.PRIORITY,
+                class_concurrency=MappingProxyType({Priority.CRITICAL: 20}),
             ),
             ports=(8000, 8001),
             endpoints=[
@@ -70,7 +77,8 @@ def test_generated_config_validates(who: Proxy, tmp_path: Path) -> None:
 
 
 class _Echo(BaseHTTPRequestHandler):
-    """Answers with its server's name and the class header it received."""
+    """Answers with its server's name and the class header it received; a POST with the
+    body it received."""
 
     def do_GET(self) -> None:
         body = json.dumps(
@@ -79,6 +87,15 @@ class _Echo(BaseHTTPRequestHandler):
                 "priority": self.headers.get("x-inference-priority"),
             }
         ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        received = self.rfile.read(int(self.headers.get("content-length", "0")))
+        body = json.dumps({"body": received.decode(), "length": len(received)}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -181,3 +198,51 @@ def test_live_traffic_priorities_classes_and_clamp(
         assert _get(port, "mistral", "bogus")["priority"] == "standard"
         assert _get(port, "mistral", "Critical")["priority"] == "critical"
         assert _get(port, "llama", "Critical")["priority"] == "standard"
+
+
+def _post(port: int, body: bytes, priority: str | None = None) -> str:
+    """POST ``body`` into the inbound listener; the body the workload received."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Host": "llama", "content-type": "application/json"}
+        if priority is not None:
+            headers["x-inference-priority"] = priority
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 200, answer
+        assert answer["length"] == len(answer["body"].encode())  # content-length kept right
+        return str(answer["body"])
+    finally:
+        conn.close()
+
+
+def test_live_inbound_writes_the_class_into_the_body_for_the_scheduler(
+    backends: dict[str, int], tmp_path: Path
+) -> None:
+    passes = dataclasses.replace(config(), scheduling=SchedulingPolicy.PRIORITY)
+    the_world = world(
+        service(cfg=passes, endpoints=[endpoint("127.0.0.1", port=backends["gpu"], pod="g0")])
+    )
+    me = proxy(pod="g0", ip="127.0.0.1", bind_address="127.0.0.1", inbound_port=0)
+    bootstrap = static_bootstrap(
+        build(the_world, me),
+        keep_listener=lambda listener: listener.name == names.INBOUND_LISTENER,
+    )
+    with running_envoy(write_bootstrap(bootstrap, tmp_path / "envoy.json"), tmp_path) as ports:
+        port = ports[names.INBOUND_LISTENER]
+        request = {"model": "llama", "prompt": "hello"}
+        for priority, expected in (("critical", 0), ("standard", 1), ("sheddable", 2)):
+            got = json.loads(_post(port, json.dumps(request).encode(), priority))
+            assert got == {**request, "priority": expected}
+        # No class header: the default class (standard).
+        assert json.loads(_post(port, b'{"prompt": "x"}'))["priority"] == 1
+        # A client's own priority is overridden: the last key wins in vLLM's parser.
+        sneaky = json.loads(_post(port, b'{"priority": -100, "prompt": "x"}', "sheddable"))
+        assert sneaky["priority"] == 2
+        assert json.loads(_post(port, b" { } ", "critical")) == {"priority": 0}
+        # Not a JSON object: untouched.
+        assert _post(port, b"[1, 2]", "critical") == "[1, 2]"
+        # A long prompt (over Envoy's default 1 MiB buffer) is rewritten, not refused.
+        long = {"prompt": "word " * 400_000}
+        assert json.loads(_post(port, json.dumps(long).encode(), "sheddable"))["priority"] == 2

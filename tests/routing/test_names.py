@@ -26,8 +26,8 @@ def test_type_urls_are_the_envoy_v3_ones() -> None:
             "outbound|8000|critical|llama.default.svc.cluster.local",
         ),
         (
-            names.inbound_cluster(8000, "llama.default.svc.cluster.local"),
-            "inbound|8000||llama.default.svc.cluster.local",
+            names.inbound_cluster(8000, "llama.default.svc.cluster.local", Priority.SHEDDABLE),
+            "inbound|8000|sheddable|llama.default.svc.cluster.local",
         ),
         (names.gateway_listener("0.0.0.0", 8080), "0.0.0.0_8080"),
         (names.gateway_route(8080), "http.8080"),

@@ -151,6 +151,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="open",
         help="when Redis or the service is unreachable: admit (open, default) or refuse",
     )
+    limits.add_argument(
+        "--queue-weights",
+        action="store_true",
+        help="weigh each GPU-backed endpoint by its queue (vllm:num_requests_waiting, "
+        "scraped every second) in every caller's EDS; default: least request alone",
+    )
     serve.set_defaults(run=run)
     return serve
 
@@ -186,6 +192,7 @@ def run(options: argparse.Namespace) -> int:
             rls_address=options.rls_address,
             redis_url=options.redis or None,
             failure_mode=FailureMode(options.rate_limit_failure_mode),
+            queue_weights=options.queue_weights,
         ),
     )
     try:

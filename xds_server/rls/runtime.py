@@ -46,6 +46,7 @@ from ratelimit.adaptive import (
     AdaptiveMetrics,
     AdaptiveSettings,
     SaturationSample,
+    class_limits,
 )
 from ratelimit.counters import (
     Counters,
@@ -58,12 +59,12 @@ from ratelimit.local import DEFAULT_RLS_TIMEOUT_S
 from ratelimit.rules import rules_from_world
 from ratelimit.scrape import VLLM, MetricNames, ScrapeError, Scraper
 from routing.catalog import served_ports, served_services
+from routing.endpoints import FULL_WEIGHT, endpoint_key, queue_weight
 from routing.limits import (
     Multipliers,
     RateLimitOptions,
     RlsAddress,
-    endpoint_key,
-    endpoint_rates,
+    steered,
 )
 from xds_server.rls.service import (
     DEFAULT_RLS_PORT,
@@ -113,6 +114,12 @@ class RateLimitSettings:
     #: Which series carry the saturation signals (vLLM's by default).
     metric_names: MetricNames = VLLM
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    #: Weigh every GPU-backed endpoint by its queue in every caller's EDS
+    #: (:func:`routing.endpoints.queue_weight`), scraping them each round. Off by default:
+    #: it measured no better than least request alone (docs/performance.md, "Admission at
+    #: the pod and load-aware choice"), and each change of a weight is an EDS push to every
+    #: proxy.
+    queue_weights: bool = False
 
     def problems(self) -> list[str]:
         out = list(self.adaptive.problems())
@@ -177,12 +184,24 @@ def metrics_url(address: str, port: int, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
+def weighted_targets(world: World, metrics_path: str = "/metrics") -> dict[str, str]:
+    """Endpoint key -> metrics URL, for each ready GPU-backed endpoint of every served
+    Service: the endpoints whose queues weigh them in the callers' EDS."""
+    return {
+        endpoint_key(endpoint): metrics_url(endpoint.address, endpoint.port, metrics_path)
+        for svc in served_services(world)
+        for port in served_ports(svc)
+        for endpoint in svc.endpoints_for(port.port)
+        if endpoint.ready and endpoint.gpu
+    }
+
+
 def adaptive_targets(world: World, metrics_path: str = "/metrics") -> dict[str, str]:
-    """Endpoint key -> metrics URL, for each ready endpoint of an adaptive Service that
-    has a ``rate-limit`` (the multipliers scale nothing else in the config)."""
+    """Endpoint key -> metrics URL, for each ready endpoint of a Service the controller
+    steers (adaptive, with a ``rate-limit`` or a ``max-concurrency`` to scale)."""
     targets: dict[str, str] = {}
     for svc in served_services(world):
-        if not svc.config.adaptive or not svc.config.rate_limit:
+        if not steered(svc):
             continue
         for port in served_ports(svc):
             for endpoint in svc.endpoints_for(port.port):
@@ -225,6 +244,9 @@ class RateLimitRuntime:
         )
         self.world: World | None = None
         self._targets: dict[str, str] = {}
+        #: Endpoints weighed by their queue, and their current weights (full ones too).
+        self._weighted: dict[str, str] = {}
+        self._weights: dict[str, int] = {}
         self._server: Any = None
         self.port: int | None = None
         self._address: RlsAddress | None = None
@@ -244,6 +266,9 @@ class RateLimitRuntime:
             self.controller.forget(gone)
         self._targets = targets
         self.metrics.targets.set(len(targets))
+        if self.settings.queue_weights:
+            self._weighted = weighted_targets(world, self.settings.metrics_path)
+            self._weights = {k: w for k, w in self._weights.items() if k in self._weighted}
 
     def _warn_unserved(self, world: World) -> None:
         """Say once per Service that its global limit has no service to enforce it."""
@@ -283,6 +308,9 @@ class RateLimitRuntime:
             failure_mode_deny=self.settings.failure_mode is FailureMode.CLOSED,
             rls_timeout_s=self.settings.rls_timeout_s,
             multipliers=MappingProxyType(self.multipliers()),
+            weights=MappingProxyType(
+                {k: w for k, w in sorted(self._weights.items()) if w != FULL_WEIGHT}
+            ),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -320,7 +348,7 @@ class RateLimitRuntime:
         interval = self.settings.scrape_interval_s
         next_round = loop.time()
         while True:
-            if self._targets:
+            if self._targets or self._weighted:
                 try:
                     await self.step()
                 except Exception:  # keep limits as they are; the next round tries again
@@ -329,11 +357,12 @@ class RateLimitRuntime:
             await asyncio.sleep(next_round - loop.time())
 
     async def step(self) -> list[str]:
-        """One round: scrape every target, observe, and trigger a push if limits changed.
+        """One round: scrape every target once, observe the adaptive ones, weigh the
+        weighted ones, and trigger a push if limits or weights changed.
 
-        Returns the endpoints whose multipliers changed.
+        Returns the endpoints whose multipliers or weights changed.
         """
-        targets = dict(self._targets)
+        targets = {**self._weighted, **self._targets}
         if not targets:
             return []
         started = time.perf_counter()
@@ -348,21 +377,33 @@ class RateLimitRuntime:
         self.rounds += 1
         changed = []
         for key, result in zip(targets, results, strict=True):
+            failed = isinstance(result, ScrapeError)
+            self.metrics.scrapes.labels("error" if failed else "ok").inc()
+            if key in self._weighted and self._weigh(key, result):
+                changed.append(key)
             if key not in self._targets:
-                continue  # gone from the world while we scraped
+                continue  # not adaptive, or gone from the world while we scraped
             if isinstance(result, ScrapeError):
-                self.metrics.scrapes.labels("error").inc()
                 self.controller.observe_error(key, result.message)
                 continue
-            self.metrics.scrapes.labels("ok").inc()
             step = self.controller.observe(key, result)
             if step.changed:
                 log.info("adaptive limits of %s: %s", key, step.state.last_change_reason)
-                changed.append(key)
+                if key not in changed:
+                    changed.append(key)
         if changed:
             self.metrics.pushes.inc()
             self.on_change()
         return changed
+
+    def _weigh(self, key: str, result: SaturationSample | ScrapeError) -> bool:
+        """Record ``key``'s queue weight (full on a failed scrape: no stale steering);
+        True when it changed."""
+        weight = FULL_WEIGHT if isinstance(result, ScrapeError) else queue_weight(result.waiting)
+        old, self._weights[key] = self._weights.get(key, FULL_WEIGHT), weight
+        if old != weight:
+            log.info("queue weight of %s: %d -> %d", key, old, weight)
+        return old != weight
 
     # -- debug ------------------------------------------------------------------------
 
@@ -376,7 +417,9 @@ class RateLimitRuntime:
             entry = endpoints.setdefault(key, {"endpoint": key})
             entry["service"] = f"{svc.namespace}/{svc.name}"
             entry["metrics_url"] = self._targets.get(key)
-            entry["rates"] = {str(p): r for p, r in endpoint_rates(svc, endpoint, options).items()}
+            limits = class_limits(svc.config, options.multipliers.get(key))
+            entry["rates"] = {str(p): r for p, r in limits.rate.items()}
+            entry["concurrency"] = {str(p): c for p, c in limits.concurrency.items()}
         rls: dict[str, Any] = {
             "port": self.port,
             "address": None
@@ -387,6 +430,10 @@ class RateLimitRuntime:
         }
         return {
             "global": rls,
+            "queue_weights": {
+                "enabled": self.settings.queue_weights,
+                "endpoints": dict(sorted(self._weights.items())),
+            },
             "adaptive": {
                 "settings": snapshot.to_dict()["settings"],
                 "scrape_interval_s": self.settings.scrape_interval_s,
@@ -401,7 +448,7 @@ class RateLimitRuntime:
         return [
             (svc, endpoint)
             for svc in served_services(self.world)
-            if svc.config.adaptive and svc.config.rate_limit
+            if steered(svc)
             for port in served_ports(svc)
             for endpoint in svc.endpoints_for(port.port)
         ]
