@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.gpu_sim import RunningSim, SimConfig, start_sim
+from bench.gpu_sim import RunningSim, SimConfig, StepCost, start_sim
 from mesh.model import PRIORITY_HEADER, Priority
 from ratelimit.adaptive import AdaptiveSettings
 from tests.e2e.harness import envoy_versions
@@ -62,7 +62,7 @@ WORKERS = 12
 
 
 def _sim(name: str, host: str) -> SimConfig:
-    return SimConfig(name=name, host=host, slots=2, prefill_ms=0.0, ms_per_token=10.0)
+    return SimConfig(name=name, host=host, max_num_seqs=2, cost=StepCost.flat(10.0))
 
 
 async def _flood(session: aiohttp.ClientSession, sim: RunningSim) -> None:
