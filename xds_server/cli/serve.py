@@ -116,6 +116,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="open",
         help="when Redis or the service is unreachable: admit (open, default) or refuse",
     )
+    limits.add_argument(
+        "--token-budget-mode",
+        choices=("reserve", "charge-at-end"),
+        default="reserve",
+        help="charge token budgets by reserving each request's worst case and settling on "
+        "its usage (reserve, default), or by charging the usage at the end only "
+        "(charge-at-end: Envoy AI Gateway's method, which overshoots; for comparison)",
+    )
     serve.set_defaults(run=run)
     return serve
 
@@ -123,6 +131,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(options: argparse.Namespace) -> int:
     from mtls.ca import MtlsError
     from ratelimit.counters import FailureMode
+    from ratelimit.tokens import TokenBudgetMode
     from xds_server.app import ServeSettings, serve
     from xds_server.auth.settings import SecuritySettings
     from xds_server.rls.runtime import RateLimitSettings
@@ -150,6 +159,7 @@ def run(options: argparse.Namespace) -> int:
             rls_address=options.rls_address,
             redis_url=options.redis or None,
             failure_mode=FailureMode(options.rate_limit_failure_mode),
+            token_budget_mode=TokenBudgetMode(options.token_budget_mode),
         ),
     )
     try:
