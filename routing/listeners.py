@@ -5,7 +5,8 @@ A sidecar gets ``virtualOutbound`` (its workload's outgoing calls) and ``virtual
 take extra HTTP filters (placed before the router) and, for the inbound listener, a
 transport socket and filter chain match, so mTLS termination and rate-limit filters plug
 in without touching this module. Outbound and gateway listeners log per-request stats
-(:mod:`routing.telemetry`).
+(:mod:`routing.telemetry`). Every one of them says why it refused a request
+(:mod:`routing.refusals`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from mesh.proxy import Proxy
-from routing import names, telemetry
+from routing import names, refusals, telemetry
 from routing.protos import ads_config_source, pack
 
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
@@ -39,11 +40,13 @@ def http_connection_manager(
     http_filters: Sequence[Any] = (),
     optional_filters: bool = False,
     use_remote_address: bool = False,
+    mark_refusals: bool = False,
 ) -> Any:
     """An HCM whose routes come by RDS over ADS; ``http_filters`` run before the router.
 
     ``optional_filters`` marks every filter but the router ``is_optional``, which a gRPC
-    proxyless client needs for filters it does not implement.
+    proxyless client needs for filters it does not implement. ``mark_refusals`` adds
+    :func:`routing.refusals.local_reply_config`.
     """
     filters = []
     for given in http_filters:
@@ -61,6 +64,8 @@ def http_connection_manager(
     )
     if use_remote_address:
         manager.use_remote_address.value = True
+    if mark_refusals:
+        manager.local_reply_config.CopyFrom(refusals.local_reply_config())
     return manager
 
 
@@ -97,7 +102,10 @@ def socket_listener(
 def outbound_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
     """``virtualOutbound`` on the sidecar's outbound port, routes ``outbound``."""
     manager = http_connection_manager(
-        f"outbound_{proxy.outbound_port}", names.OUTBOUND_ROUTE, http_filters=http_filters
+        f"outbound_{proxy.outbound_port}",
+        names.OUTBOUND_ROUTE,
+        http_filters=http_filters,
+        mark_refusals=True,
     )
     manager.access_log.append(telemetry.request_stats_log())
     return socket_listener(
@@ -118,7 +126,10 @@ def inbound_listener(
 ) -> Any:
     """``virtualInbound`` on the sidecar's inbound port, routes ``inbound``."""
     manager = http_connection_manager(
-        f"inbound_{proxy.inbound_port}", names.INBOUND_ROUTE, http_filters=http_filters
+        f"inbound_{proxy.inbound_port}",
+        names.INBOUND_ROUTE,
+        http_filters=http_filters,
+        mark_refusals=True,
     )
     return socket_listener(
         names.INBOUND_LISTENER,
@@ -142,6 +153,7 @@ def gateway_listener(proxy: Proxy, *, http_filters: Sequence[Any] = ()) -> Any:
         names.gateway_route(proxy.gateway_port),
         http_filters=http_filters,
         use_remote_address=True,
+        mark_refusals=True,
     )
     manager.access_log.append(telemetry.request_stats_log())
     return socket_listener(
