@@ -25,7 +25,7 @@ test: lint
 bench: venv
 	$(BIN)/python -m bench.convergence
 	$(BIN)/python -m bench.tls
-	$(BIN)/python -m bench.priority
+	$(BIN)/python -m bench.priority --duration 15 --warmup 3
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls
 

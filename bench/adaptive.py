@@ -1,33 +1,33 @@
-"""Adaptive limits against static limits and round-robin, and the global service's cost.
+"""Adaptive limits against static limits, and the global rate-limit service's cost.
 
-``python -m bench.adaptive`` extends the priority-effect benchmark (:mod:`bench.priority`,
-on :mod:`bench.demo`'s testbed and request mix) with per-endpoint rate limits. The two
-GPU pods get sidecars of their own, which enforce ``inferlane.io/rate-limit`` on their
-inbound side; the llama Service limits ``sheddable`` to about half a GPU pod's capacity
-per endpoint. Three scenarios run the same seeded open-loop schedule at each load:
+``python -m bench.adaptive`` runs the benchmark mesh of :mod:`bench.priority` (four
+simulated vLLM GPU pods and a CPU pod with sidecars, four calling sidecars and a gateway,
+all streaming; at addresses of its own, 127.0.11.x, so that it never contends with a demo
+or a ``bench.priority`` run) with per-endpoint rate limits: the llama Service limits
+``sheddable`` to half a GPU pod's capacity, in requests per second, at each endpoint's
+sidecar. The same seeded arrivals go through, at each load:
 
-- ``inferlane-adaptive``: the limit with ``inferlane.io/adaptive: "true"``: the control
+- ``inferlane-adaptive``: that limit with ``inferlane.io/adaptive: "true"``: the control
   plane scrapes each GPU pod's vLLM gauges and tightens that pod's sheddable limit when it
-  saturates (:data:`CONTROLLER` settings), and loosens it when the pod has room again;
+  saturates (:data:`CONTROLLER`), and loosens it when the pod has room again;
 - ``inferlane-static``: the same limit, fixed;
-- ``round-robin``: the plain Service of :mod:`bench.demo` (all three pods, no classes);
-- ``critical-only``, a control: the critical share of the schedule alone through inferlane,
-  as if every other request were refused at no cost. Critical requests still queue behind
-  each other at high load, and no limit on the other classes can do better than this.
+- ``k8s-service``: a Kubernetes Service over the GPU pods, no classes;
+- ``critical-only``: the critical arrivals alone: the floor no limit on the other classes
+  can beat.
 
-Each run begins with the controller reset and fresh pods; the first ``--warmup`` seconds
-of arrivals are sent but not counted (the adaptive controller needs a few steps to find
-the limit; every scenario gets the same warm-up, so the comparison is like for like).
+Each run starts with the controller reset and every GPU sidecar back at the annotation's
+limit; the first ``--warmup`` seconds of arrivals are sent but not counted (the controller
+needs a few steps to find its limit; every scenario gets the same warm-up).
 
-Goal (issue 5): critical p99 at 1.5x and at 2x at most 1.2x its unloaded value (the same
-scenario's value at the lowest load). The p99 counts a failed critical request as one that
-took the whole client deadline, as :mod:`bench.priority` does.
+Goal (issue 5): critical TTFT p99 at 1.5x and at 2x at most 1.2x its value at the lowest
+load. The ratio to critical-only at the same load is shown beside it. Every failure ranks
+at the deadline.
 
 Then the global rate-limit service with Envoy as its client: one sidecar in front of an
 echo backend, driven closed-loop from a separate process, without the global filter and
 with it (a limit no request reaches, so every request asks the service and none is
 refused), with counters in memory and in Redis. It reports the service's decisions per
-second and the p99 latency the filter adds.
+second and the latency the filter adds.
 
 Everything shares this machine's cores: the figures are lower bounds.
 """
@@ -41,7 +41,6 @@ import dataclasses
 import logging
 import math
 import multiprocessing
-import os
 import shutil
 import sys
 import tempfile
@@ -53,40 +52,24 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import aiohttp
-import yaml
 from aiohttp import web
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from google.protobuf import json_format
 
-from bench.demo import (
-    BASELINE,
-    CLIENT_IP,
-    CLIENT_NODE_ID,
-    CLIENT_SERVICE_ACCOUNT,
-    EXAMPLE_MANIFESTS,
-    GPU_PODS,
-    SERVICE_HOST,
-    SERVICE_NAME,
-    SERVICE_NAMESPACE,
-    DemoError,
-    DemoOptions,
-    ScenarioResult,
+from bench.envoy import Envoy, EnvoyMissing, running_envoy
+from bench.load import percentile
+from bench.priority import SEED, BenchOptions, Hook, make_point, measure
+from bench.report import Capacity, Point, format_point, pool_capacity, ratio, sheddable_cap
+from bench.testbed import (
+    CRITICAL_ONLY,
+    INFERLANE,
+    SERVICE_RR,
+    Scenario,
     Testbed,
-    TestbedOptions,
-    baseline_bootstrap,
-    free_port,
-    gpu_capacity_rps,
-    load_spec,
-    pod_configs,
-    running_static_envoy,
-    stage_manifests,
-    start_pods,
+    TestbedError,
+    sidecar_metadata,
 )
-from bench.envoy import Envoy, EnvoyMissing, envoy_binary, running_envoy
-from bench.gpu_sim import SERVED_BY_HEADER, SimConfig
-from bench.load import LoadSpec, percentile
-from bench.plot import plot_sweep
-from bench.priority import SweepOptions, SweepResult, format_details, format_sweep_table
+from bench.topology import Knobs, Topology, write_documents
 from bench.wait import eventually
 from mesh.manifests import ManifestSource
 from mesh.model import PRIORITY_HEADER, Priority
@@ -98,15 +81,12 @@ log = logging.getLogger(__name__)
 
 ADAPTIVE: Final = "inferlane-adaptive"
 STATIC: Final = "inferlane-static"
-#: A control, not a way to run a mesh: the same critical arrivals with no other class at
-#: all, as if every lower-class request were refused at no cost. Its ratio is the floor
-#: any limit on the other classes can reach; the rest is critical queueing behind critical.
-CRITICAL_ONLY: Final = "critical-only"
-SCENARIOS: Final = (ADAPTIVE, STATIC, BASELINE, CRITICAL_ONLY)
+SCENARIOS: Final = (ADAPTIVE, STATIC, SERVICE_RR.name, CRITICAL_ONLY.name)
 DEFAULT_LOADS: Final = (0.5, 1.5, 2.0)
-#: Loads the goal is judged at, and the bound on critical p99 relative to the lowest load.
+#: Loads the goal is judged at, and the bound on critical TTFT p99 relative to the lowest.
 GOAL_LOADS: Final = (1.5, 2.0)
 GOAL_RATIO: Final = 1.2
+CRITICAL: Final = "critical"
 
 #: The controller as the benchmark runs it: quicker than the defaults (2 s to tighten,
 #: 10 s to loosen, a 1 s scrape), so it settles within the warm-up of a short run. The
@@ -115,31 +95,38 @@ CONTROLLER: Final = AdaptiveSettings(
     tighten_hold_s=0.5, loosen_hold_s=3.0, max_changes_per_minute=20.0
 )
 SCRAPE_INTERVAL_S: Final = 0.25
-
-CRITICAL: Final = "critical"
-#: The example's pod IPs, moved to addresses of this benchmark's own, so that it never
-#: contends with a demo or a bench.priority run for 127.0.0.11 to 127.0.0.22.
-RELOCATED: Final = MappingProxyType({f"127.0.0.{n}": f"127.0.1.{n}" for n in (11, 12, 13, 21, 22)})
-RATE_LIMIT: Final = "inferlane.io/rate-limit"
-ADAPTIVE_ANNOTATION: Final = "inferlane.io/adaptive"
-GLOBAL_RATE_LIMIT: Final = "inferlane.io/global-rate-limit"
+#: The benchmark mesh's addresses (127.0.10.x) moved to this benchmark's own.
+ADDRESS_FROM: Final = "127.0.10."
+ADDRESS_TO: Final = "127.0.11."
 LOCAL_FILTER: Final = "envoy.filters.http.local_ratelimit"
-RLS_CLUSTER: Final = "inferlane-rls"
+GLOBAL_RATE_LIMIT: Final = "inferlane.io/global-rate-limit"
+
+
+def relocated(topology: Topology, old: str = ADDRESS_FROM, new: str = ADDRESS_TO) -> Topology:
+    """``topology`` with every pod's and caller's address moved from ``old`` to ``new``."""
+
+    def move(ip: str) -> str:
+        return new + ip.removeprefix(old) if ip.startswith(old) else ip
+
+    pods = tuple(dataclasses.replace(p, ip=move(p.ip)) for p in topology.pods)
+    callers = tuple(dataclasses.replace(c, ip=move(c.ip)) for c in topology.callers)
+    return dataclasses.replace(topology, pods=pods, callers=callers)
 
 
 @dataclass(frozen=True)
 class AdaptiveBenchOptions:
     loads: tuple[float, ...] = DEFAULT_LOADS
     scenarios: tuple[str, ...] = SCENARIOS
-    #: Seconds of counted arrivals per run, after the warm-up.
-    duration_s: float = 15.0
-    #: Seconds of arrivals at the start of each run that are sent but not counted.
+    #: Seconds of arrivals per run, the first ``warmup_s`` of them not counted.
+    duration_s: float = 25.0
     warmup_s: float = 5.0
-    #: Rounds over every load and scenario; a point's p99 is the median of its rounds.
+    #: Rounds over every load and scenario, pooled.
     repeat: int = 1
     #: Sheddable requests per second each GPU endpoint admits; None: half a GPU pod's
     #: capacity (a guess an operator could make without measuring the load).
     sheddable_limit: float | None = None
+    knobs: Knobs = field(default_factory=Knobs)
+    seed: int = SEED
     out_dir: Path = Path(".")
     progress: bool | None = None
     #: Seconds per phase of the rate-limit service measurement; 0 skips it.
@@ -147,82 +134,44 @@ class AdaptiveBenchOptions:
     #: Requests in flight in the rate-limit service measurement.
     rls_concurrency: tuple[int, ...] = (1, 16)
     rls_backends: tuple[str, ...] = ("memory", "redis")
-    demo: DemoOptions = field(default_factory=DemoOptions)
 
     def __post_init__(self) -> None:
-        if not self.loads or any(not x > 0 for x in self.loads):
-            raise ValueError("loads must be positive multiples of capacity")
-        if not self.duration_s > 0 or self.warmup_s < 0 or self.rls_seconds < 0:
-            raise ValueError("duration must be positive, warm-up and rls seconds not negative")
+        if self.rls_seconds < 0:
+            raise ValueError("rls seconds must not be negative")
         unknown = [s for s in self.scenarios if s not in SCENARIOS]
         if unknown or not self.scenarios:
             raise ValueError(f"scenarios: choose from {', '.join(SCENARIOS)}")
-        if self.repeat < 1:
-            raise ValueError("repeat must be at least 1")
         if self.sheddable_limit is not None and not self.sheddable_limit > 0:
             raise ValueError("the sheddable limit must be positive")
+        self.bench()  # checks loads, durations and rounds
         object.__setattr__(self, "loads", tuple(sorted(set(self.loads))))
 
-    def limit(self) -> float:
+    def bench(self, knobs: Knobs | None = None) -> BenchOptions:
+        return BenchOptions(
+            loads=self.loads,
+            duration_s=self.duration_s,
+            warmup_s=self.warmup_s,
+            repeat=self.repeat,
+            knobs=knobs or self.knobs,
+            seed=self.seed,
+            topology=relocated(Topology()),
+            out_dir=self.out_dir,
+            progress=self.progress,
+        )
+
+    def limit(self, capacity: Capacity) -> float:
+        """Sheddable requests per second per GPU endpoint."""
         if self.sheddable_limit is not None:
             return self.sheddable_limit
-        gpu = SimConfig.gpu_pod("gpu")
-        return float(round(gpu.capacity_rps(self.demo.max_tokens) / 2))
+        per_pod = [t.requests_per_s for t in capacity.per_pod.values()]
+        return float(max(1, round(sum(per_pod) / len(per_pod) / 2)))
+
+    def limited(self, capacity: Capacity, adaptive: bool) -> Knobs:
+        limit = f"sheddable={self.limit(capacity):g}"
+        return dataclasses.replace(self.knobs, rate_limit=limit, adaptive=adaptive)
 
 
-# --- the testbed ---------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _write_atomically(path: Path, documents: Sequence[Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump_all([_plain(d) for d in documents], sort_keys=False))
-    os.replace(tmp, path)
-
-
-def annotate_llama(documents: Sequence[Any], annotations: Mapping[str, str | None]) -> list[Any]:
-    """A copy of ``documents`` with the llama Service's annotations set (None removes)."""
-    out = []
-    for doc in documents:
-        copy = _plain(doc)
-        meta = copy.get("metadata") or {}
-        if copy.get("kind") == "Service" and meta.get("name") == SERVICE_NAME:
-            current = dict(meta.get("annotations") or {})
-            for key, value in annotations.items():
-                if value is None:
-                    current.pop(key, None)
-                else:
-                    current[key] = value
-            copy["metadata"] = {**meta, "annotations": current}
-        out.append(copy)
-    return out
-
-
-def relocate(documents: Sequence[Any], addresses: Mapping[str, str]) -> list[Any]:
-    """A copy of ``documents`` with each Pod's IP replaced as ``addresses`` maps it."""
-    out = []
-    for doc in documents:
-        copy = _plain(doc)
-        status = copy.get("status") if copy.get("kind") == "Pod" else None
-        if isinstance(status, dict):
-            if "podIP" in status:
-                status["podIP"] = addresses.get(status["podIP"], status["podIP"])
-            for entry in status.get("podIPs") or []:
-                entry["ip"] = addresses.get(entry.get("ip"), entry.get("ip"))
-        out.append(copy)
-    return out
-
-
-def bench_pods() -> list[SimConfig]:
-    """The demo's pods, at this benchmark's own addresses."""
-    return [dataclasses.replace(c, host=RELOCATED[c.host]) for c in pod_configs()]
+# --- the sweep -----------------------------------------------------------------------
 
 
 async def sheddable_ms(envoy: Envoy) -> float | None:
@@ -247,188 +196,6 @@ async def sheddable_ms(envoy: Envoy) -> float | None:
     return None
 
 
-async def listener_url(envoy: Envoy, port: int | None = None, name: str | None = None) -> str:
-    async def find() -> str:
-        data = await envoy.admin_json("/listeners?format=json")
-        for entry in data.get("listener_statuses", []):
-            sock = entry.get("local_address", {}).get("socket_address", {})
-            bound = int(sock.get("port_value", 0))
-            if bound and (port is None or bound == port) and (name in (None, entry.get("name"))):
-                return f"http://{sock.get('address', '127.0.0.1')}:{bound}"
-        return ""
-
-    return await eventually(find, timeout=30, what=f"listener {name or port}")
-
-
-async def wait_routed(url: str, what: str) -> None:
-    body = {"model": SERVICE_NAME, "prompt": "ready?", "max_tokens": 1}
-    headers = {"Host": SERVICE_HOST, PRIORITY_HEADER: "critical"}
-    async with aiohttp.ClientSession() as session:
-
-        async def routed() -> bool:
-            async with session.post(url + "/v1/completions", json=body, headers=headers) as r:
-                await r.read()
-                return r.status == 200 and bool(r.headers.get(SERVED_BY_HEADER))
-
-        await eventually(routed, timeout=30, interval=0.05, what=f"{what} routing")
-
-
-def _sidecar_metadata(ip: str, service_account: str) -> tuple[dict[str, str], int]:
-    outbound = free_port(ip)
-    return {
-        "NAMESPACE": SERVICE_NAMESPACE,
-        "SERVICE_ACCOUNT": service_account,
-        "INFERLANE_OUTBOUND_PORT": str(outbound),
-        "INFERLANE_INBOUND_PORT": str(free_port(ip)),
-        "INFERLANE_BIND_ADDRESS": ip,
-        # Pods share this host's loopback: each workload listens on its own pod IP.
-        "INFERLANE_WORKLOAD_ADDRESS": ip,
-    }, outbound
-
-
-class LimitsBed:
-    """The demo's testbed plus sidecars on the GPU pods and a rate-limited llama Service."""
-
-    def __init__(
-        self,
-        *,
-        bed: Testbed,
-        plane: ControlPlane,
-        manifest: Path,
-        documents: list[Any],
-        limit: float,
-        gpu_sidecars: Sequence[Envoy],
-    ) -> None:
-        self.bed = bed
-        self.plane = plane
-        self.manifest = manifest
-        self.documents = documents
-        self.limit = limit
-        self.gpu_sidecars = tuple(gpu_sidecars)
-        self.adaptive: bool | None = None
-
-    async def use(self, adaptive: bool) -> None:
-        """Switch llama to adaptive or static limits, reset the controller, and wait until
-        every GPU sidecar enforces the annotation's limit again."""
-        if adaptive != self.adaptive:
-            value = "true" if adaptive else None
-            _write_atomically(
-                self.manifest, annotate_llama(self.documents, {ADAPTIVE_ANNOTATION: value})
-            )
-
-            async def switched() -> bool:
-                world = self.plane.world
-                svc = world.service(SERVICE_NAMESPACE, SERVICE_NAME) if world else None
-                return svc is not None and svc.config.adaptive == adaptive
-
-            await eventually(switched, timeout=10, what="llama's adaptive annotation")
-            self.adaptive = adaptive
-        self.plane.ratelimits.reset_adaptive()
-        full_ms = 1000.0 / self.limit
-
-        async def at_full_limit() -> bool:
-            found = [await sheddable_ms(e) for e in self.gpu_sidecars]
-            return all(ms is not None and math.isclose(ms, full_ms) for ms in found)
-
-        await eventually(at_full_limit, timeout=10, interval=0.05, what="limits reset")
-
-
-@contextlib.asynccontextmanager
-async def limits_testbed(opts: AdaptiveBenchOptions) -> AsyncIterator[LimitsBed]:
-    """Pods, the control plane, the client and GPU sidecars, and the baseline Envoy."""
-    envoy_binary()
-    workdir = Path(tempfile.mkdtemp(prefix="inferlane-adaptive-"))
-    pods = []
-    try:
-        staged = stage_manifests(EXAMPLE_MANIFESTS, workdir, opts.demo.testbed.max_concurrency)
-        documents = [d for d in yaml.safe_load_all(staged.read_text()) if d]
-        limit = opts.limit()
-        documents = annotate_llama(
-            relocate(documents, RELOCATED), {RATE_LIMIT: f"sheddable={limit:g}"}
-        )
-        _write_atomically(staged, documents)
-        pods = await start_pods(bench_pods())
-        bed = Testbed(opts.demo.testbed, pods)
-        settings = ServeSettings(
-            manifests=staged,
-            host="127.0.0.1",
-            xds_port=0,
-            admin_port=0,
-            shutdown_grace=0.2,
-            ratelimit=RateLimitSettings(scrape_interval_s=SCRAPE_INTERVAL_S, adaptive=CONTROLLER),
-        )
-        plane = ControlPlane(settings, ManifestSource(staged, poll_interval=0.1))
-        task = asyncio.create_task(plane.run(), name="adaptive-bench-control-plane")
-        try:
-
-            async def started() -> bool:
-                if task.done():
-                    task.result()
-                    raise DemoError("the control plane stopped")
-                return plane.started.is_set() and plane.world is not None
-
-            await eventually(started, timeout=30, what="the control plane")
-            async with contextlib.AsyncExitStack() as stack:
-                client_ip = RELOCATED[CLIENT_IP]
-                client_meta, outbound = _sidecar_metadata(client_ip, CLIENT_SERVICE_ACCOUNT)
-                client_id = CLIENT_NODE_ID.replace(CLIENT_IP, client_ip)
-                client = await stack.enter_async_context(
-                    running_envoy(client_id, plane.ports["xds"], metadata=client_meta)
-                )
-                gpu_sidecars = []
-                for name, example_ip in GPU_PODS:
-                    ip = RELOCATED[example_ip]
-                    meta, _ = _sidecar_metadata(ip, "llama")
-                    node_id = f"sidecar~{ip}~{name}.{SERVICE_NAMESPACE}~{SERVICE_NAMESPACE}"
-                    node_id += ".svc.cluster.local"
-                    gpu_sidecars.append(
-                        await stack.enter_async_context(
-                            running_envoy(node_id, plane.ports["xds"], metadata=meta)
-                        )
-                    )
-                backends = {BASELINE: bench_pods()}
-                baseline = await stack.enter_async_context(
-                    running_static_envoy(baseline_bootstrap(backends, route_timeout_s=30.0))
-                )
-                inferlane_url = await listener_url(client, port=outbound)
-                bed.urls = {
-                    ADAPTIVE: inferlane_url,
-                    STATIC: inferlane_url,
-                    CRITICAL_ONLY: inferlane_url,
-                    BASELINE: await listener_url(baseline, name=BASELINE),
-                }
-                bed.envoys = {"client": client, BASELINE: baseline}
-                for i, envoy in enumerate(gpu_sidecars):
-                    bed.envoys[f"gpu-{i}"] = envoy
-                for scenario, url in bed.urls.items():
-                    await wait_routed(url, scenario)
-                yield LimitsBed(
-                    bed=bed,
-                    plane=plane,
-                    manifest=staged,
-                    documents=documents,
-                    limit=limit,
-                    gpu_sidecars=gpu_sidecars,
-                )
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    finally:
-        for pod in bed.pods if pods else []:
-            await pod.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-# --- the sweep -----------------------------------------------------------------------
-
-
-def after_warmup(run: ScenarioResult, warmup_s: float) -> ScenarioResult:
-    """``run`` with only the requests that started after the warm-up."""
-    kept = tuple(r for r in run.load.records if r.started_s >= warmup_s)
-    return dataclasses.replace(run, load=dataclasses.replace(run.load, records=kept))
-
-
 @dataclass(frozen=True)
 class AdaptiveSnapshot:
     """What the controller had done by the end of an adaptive run."""
@@ -439,70 +206,88 @@ class AdaptiveSnapshot:
 
 
 @dataclass(frozen=True)
-class BenchResult:
+class SweepResult:
     options: AdaptiveBenchOptions
-    sweep: SweepResult
+    capacity: Capacity
     limit: float
+    #: (scenario, load) -> point.
+    points: Mapping[tuple[str, float], Point]
     controller: Mapping[float, AdaptiveSnapshot]
+
+    def ratio_to_lowest(self, scenario: str, load: float) -> str:
+        low = min(self.options.loads)
+        here, base = self.points.get((scenario, load)), self.points.get((scenario, low))
+        if here is None or base is None:
+            return "not run"
+        deadline = here.runs[0].load.spec.ttft_timeout_s
+        return str(ratio(here.ttft_p99(CRITICAL), base.ttft_p99(CRITICAL), deadline))
+
+    def ratio_to_floor(self, scenario: str, load: float) -> str:
+        here, floor = self.points.get((scenario, load)), self.points.get((CRITICAL_ONLY.name, load))
+        if here is None or floor is None:
+            return "not run"
+        deadline = here.runs[0].load.spec.ttft_timeout_s
+        return str(ratio(here.ttft_p99(CRITICAL), floor.ttft_p99(CRITICAL), deadline))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    sweep: SweepResult
     rls: tuple[RlsOverhead, ...] = ()
 
 
-async def run_sweep(opts: AdaptiveBenchOptions) -> tuple[SweepResult, dict[float, Any]]:
-    capacity = gpu_capacity_rps(opts.demo.max_tokens)
-    runs: dict[str, dict[float, list[ScenarioResult]]] = {
-        name: {load: [] for load in opts.loads} for name in opts.scenarios
-    }
+async def run_sweep(opts: AdaptiveBenchOptions) -> SweepResult:
+    base = opts.bench()
+    capacity = pool_capacity(base.topology, base.knobs, base.seed)
+    ratelimit = RateLimitSettings(scrape_interval_s=SCRAPE_INTERVAL_S, adaptive=CONTROLLER)
+    points: dict[tuple[str, float], Point] = {}
     controller: dict[float, AdaptiveSnapshot] = {}
-    total_s = opts.warmup_s + opts.duration_s
-    async with limits_testbed(opts) as lbed:
-        for round_ in range(opts.repeat):
-            seeded = dataclasses.replace(opts.demo, seed=opts.demo.seed + round_)
-            for load in opts.loads:
-                spec = load_spec(seeded, load * capacity, total_s)
-                for scenario in opts.scenarios:
-                    if scenario in (ADAPTIVE, STATIC):
-                        await lbed.use(adaptive=scenario == ADAPTIVE)
-                    if opts.progress is not False:
-                        print(
-                            f"round {round_ + 1}/{opts.repeat}: {scenario} at {load:g}x"
-                            f" ({spec.rate_rps:.0f} requests/s)",
-                            file=sys.stderr,
-                        )
-                    run = await lbed.bed.run(
-                        scenario, _scenario_spec(scenario, spec), progress=opts.progress
-                    )
-                    runs[scenario][load].append(after_warmup(run, opts.warmup_s))
-                    if scenario == ADAPTIVE:
-                        controller[load] = _controller_state(lbed.plane)
-    sweep_opts = SweepOptions(
-        loads=opts.loads,
-        scenarios=opts.scenarios,
-        duration_s=opts.duration_s,
-        out_dir=opts.out_dir,
-        progress=opts.progress,
-        repeat=opts.repeat,
-        demo=opts.demo,
+    for name, adaptive in ((ADAPTIVE, True), (STATIC, False)):
+        if name not in opts.scenarios:
+            continue
+        sub = opts.bench(opts.limited(capacity, adaptive))
+        reset = _reset_limits(1000.0 / opts.limit(capacity), base.topology)
+
+        async def snapshot(bed: Testbed, _scenario: Scenario, load: float) -> None:
+            controller[load] = _controller_state(bed.plane)
+
+        runs = await measure(
+            sub,
+            capacity,
+            [INFERLANE],
+            opts.loads,
+            ratelimit=ratelimit,
+            before=reset,
+            after=snapshot if adaptive else None,
+        )
+        for load in opts.loads:
+            points[(name, load)] = make_point(
+                sub, capacity, name, load, runs[(INFERLANE.name, load)]
+            )
+    others = [s for s in (SERVICE_RR, CRITICAL_ONLY) if s.name in opts.scenarios]
+    if others:
+        runs = await measure(base, capacity, others, opts.loads)
+        points.update({key: make_point(base, capacity, *key, rs) for key, rs in runs.items()})
+    limit = opts.limit(capacity)
+    return SweepResult(
+        opts, capacity, limit, MappingProxyType(points), MappingProxyType(controller)
     )
-    frozen = {
-        name: MappingProxyType({load: tuple(rs) for load, rs in points.items()})
-        for name, points in runs.items()
-    }
-    result = SweepResult(sweep_opts, capacity, MappingProxyType(frozen))
-    plot = plot_sweep(
-        result.plotted(),
-        opts.out_dir / "adaptive-sweep.png",
-        title=f"Critical p99 with rate limits (1x = {capacity:.0f} requests/s)",
-        ylabel=f"critical p99 (ms; failures count as {opts.demo.timeout_s:g} s)",
-    )
-    return SweepResult(sweep_opts, capacity, result.runs, plot), controller
 
 
-def _scenario_spec(scenario: str, spec: LoadSpec) -> LoadSpec:
-    """The control sends only the schedule's critical share, at the critical rate."""
-    if scenario != CRITICAL_ONLY:
-        return spec
-    share = spec.mix.get(CRITICAL, 0.0) / sum(spec.mix.values())
-    return dataclasses.replace(spec, mix={CRITICAL: 1.0}, rate_rps=spec.rate_rps * share)
+def _reset_limits(full_ms: float, topology: Topology) -> Hook:
+    """Before a run: the controller reset, and every GPU sidecar back at the full limit."""
+
+    async def reset(bed: Testbed, _scenario: Scenario, _load: float) -> None:
+        bed.plane.ratelimits.reset_adaptive()
+        sidecars = [bed.envoys[p.name] for p in topology.gpu_pods]
+
+        async def at_full_limit() -> bool:
+            found = [await sheddable_ms(e) for e in sidecars]
+            return all(ms is not None and math.isclose(ms, full_ms) for ms in found)
+
+        await eventually(at_full_limit, timeout=10, interval=0.05, what="limits reset")
+
+    return reset
 
 
 def _controller_state(plane: ControlPlane) -> AdaptiveSnapshot:
@@ -518,7 +303,7 @@ def _controller_state(plane: ControlPlane) -> AdaptiveSnapshot:
     )
 
 
-# --- the rate-limit service with Envoy as its client -------------------------------
+# --- the rate-limit service with Envoy as its client ------------------------------
 
 ECHO_IP: Final = "127.0.1.41"
 RLS_CLIENT_IP: Final = "127.0.1.42"
@@ -690,7 +475,7 @@ async def measure_rls(
     manifest = workdir / "echo.yaml"
     try:
         async with _echo_backend() as port, _redis_url(backend) as redis_url:
-            _write_atomically(manifest, _echo_documents(port, global_limit=False))
+            write_documents(manifest, _echo_documents(port, global_limit=False))
             settings = ServeSettings(
                 manifests=manifest,
                 host="127.0.0.1",
@@ -705,7 +490,8 @@ async def measure_rls(
                 await eventually(
                     lambda: _started(plane, task), timeout=30, what="the control plane"
                 )
-                meta, outbound = _sidecar_metadata(RLS_CLIENT_IP, "bench")
+                meta = sidecar_metadata(RLS_CLIENT_IP, "bench")
+                outbound = int(meta["INFERLANE_OUTBOUND_PORT"])
                 node_id = f"sidecar~{RLS_CLIENT_IP}~rls-client-0.default~default.svc.cluster.local"
                 async with running_envoy(node_id, plane.ports["xds"], metadata=meta):
                     url = f"http://{RLS_CLIENT_IP}:{outbound}/"
@@ -713,7 +499,7 @@ async def measure_rls(
                         lambda: _status_ok(url), timeout=30, what="echo through the sidecar"
                     )
                     without = [await drive_in_child(url, seconds, n) for n in concurrency]
-                    _write_atomically(manifest, _echo_documents(port, global_limit=True))
+                    write_documents(manifest, _echo_documents(port, global_limit=True))
                     before = _rls_calls(plane)
 
                     async def asking() -> bool:
@@ -740,7 +526,7 @@ async def measure_rls(
 async def _started(plane: ControlPlane, task: asyncio.Task[None]) -> bool:
     if task.done():
         task.result()
-        raise DemoError("the control plane stopped")
+        raise TestbedError("the control plane stopped")
     return plane.started.is_set() and plane.world is not None
 
 
@@ -755,40 +541,37 @@ async def _status_ok(url: str) -> bool:
 
 
 async def run_bench(opts: AdaptiveBenchOptions) -> BenchResult:
-    sweep, controller = await run_sweep(opts)
+    sweep = await run_sweep(opts)
     rls = []
     if opts.rls_seconds > 0:
         for backend in opts.rls_backends:
             if opts.progress is not False:
                 print(f"rate-limit service, {backend} counters", file=sys.stderr)
             rls += await measure_rls(backend, opts.rls_seconds, opts.rls_concurrency)
-    return BenchResult(opts, sweep, opts.limit(), MappingProxyType(controller), tuple(rls))
+    return BenchResult(sweep, tuple(rls))
 
 
-def goal_lines(result: BenchResult) -> list[str]:
-    sweep = result.sweep
-    low = min(result.options.loads)
+def goal_lines(sweep: SweepResult) -> list[str]:
+    low = min(sweep.options.loads)
     out = []
-    for name in (ADAPTIVE, STATIC, BASELINE, CRITICAL_ONLY):
-        if name not in sweep.runs:
-            continue
+    for name in (ADAPTIVE, STATIC, SERVICE_RR.name, CRITICAL_ONLY.name):
         for load in GOAL_LOADS:
-            if load not in sweep.runs[name]:
+            point = sweep.points.get((name, load))
+            if point is None or (name, low) not in sweep.points:
                 continue
-            ratio = sweep.ratio(name, load)
-            what = "control" if name == CRITICAL_ONLY else "goal"
+            here, base = point.ttft_p99(CRITICAL), sweep.points[(name, low)].ttft_p99(CRITICAL)
+            r = ratio(here, base, point.runs[0].load.spec.ttft_timeout_s)
+            what = "control" if name == CRITICAL_ONLY.name else "goal"
             claim = (
-                f"{what} {name}: critical p99 at {load:g}x <= {GOAL_RATIO:g}x its {low:g}x value: "
+                f"{what} {name}: critical TTFT p99 at {load:g}x <= {GOAL_RATIO:g}x its"
+                f" {low:g}x value: {r}"
             )
-            if ratio is None:
-                out.append(claim + "not a number (critical failed at the lowest load)")
-                continue
-            noisy = sweep.disturbed(name, low) or sweep.disturbed(name, load)
-            verdict = "met" if ratio.value <= GOAL_RATIO and not ratio.at_least else "MISSED"
-            if name == CRITICAL_ONLY:
+            if name == CRITICAL_ONLY.name:
                 verdict = "the floor for any limit on the other classes"
-            caveat = " (from a disturbed run: measure again)" if noisy else ""
-            out.append(claim + f"{ratio}, {verdict}{caveat}")
+            else:
+                verdict = "met" if r.value is not None and r.value <= GOAL_RATIO else "MISSED"
+            noisy = " (from a disturbed run: measure again)" if point.disturbed else ""
+            out.append(f"{claim}, {verdict}{noisy}")
     return out
 
 
@@ -816,35 +599,41 @@ def format_rls(results: Sequence[RlsOverhead], seconds: float) -> str:
 
 
 def format_report(result: BenchResult) -> str:
-    opts = result.options
-    demo = opts.demo
-    mix = ", ".join(f"{cls} {w:g}" for cls, w in demo.mix.items())
+    sweep = result.sweep
+    opts = sweep.options
+    cap = sheddable_cap(opts.knobs)
     lines = [
-        f"1x = {result.sweep.capacity_rps:.0f} requests/s (2 simulated GPU pods,"
-        f" {demo.max_tokens} tokens per request); {opts.duration_s:g} s counted per point after"
-        f" a {opts.warmup_s:g} s warm-up; mix {mix}; client deadline {demo.timeout_s:g} s;"
-        f" max-concurrency {demo.testbed.max_concurrency}; rate-limit sheddable="
-        f"{result.limit:g} per GPU endpoint.",
+        f"GPU pool capacity (1x) {sweep.capacity.tokens_per_s:.0f} tokens/s ="
+        f" {sweep.capacity.requests_per_s:.2f} requests/s; rate-limit sheddable="
+        f"{sweep.limit:g} a GPU endpoint; {opts.duration_s:g} s of arrivals a run, the first"
+        f" {opts.warmup_s:g} s not counted; inferlane: {opts.knobs.label()}.",
         f"controller: scrape every {SCRAPE_INTERVAL_S:g} s, tighten after"
         f" {CONTROLLER.tighten_hold_s:g} s, loosen after {CONTROLLER.loosen_hold_s:g} s, at most"
         f" {CONTROLLER.max_changes_per_minute:g} changes per endpoint per minute.",
-        "",
-        "critical p99 over every critical request (a failure counts as the deadline), its"
-        " ratio to the same scenario's lowest load, and the share that succeeded:",
-        format_sweep_table(result.sweep),
-        "",
-        *goal_lines(result),
-        "",
-        "adaptive controller at the end of each adaptive run (sheddable multiplier per"
-        " endpoint; changes and budget-suppressed changes over the run):",
     ]
-    for load, snap in result.controller.items():
+    for load in opts.loads:
+        lines += ["", f"== {load:g}x ({load * sweep.capacity.requests_per_s:.1f} requests/s) =="]
+        for name in opts.scenarios:
+            point = sweep.points.get((name, load))
+            if point is None:
+                continue
+            lines += format_point(point, cap if name in (ADAPTIVE, STATIC) else None)
+            if name != CRITICAL_ONLY.name:
+                lines.append(
+                    f"    critical TTFT p99: {sweep.ratio_to_lowest(name, load)} its"
+                    f" {min(opts.loads):g}x value, {sweep.ratio_to_floor(name, load)}"
+                    " critical-only's"
+                )
+    lines += ["", *goal_lines(sweep), ""]
+    lines.append(
+        "adaptive controller at the end of each adaptive run (sheddable multiplier per"
+        " endpoint; changes and budget-suppressed changes over the run):"
+    )
+    for load, snap in sweep.controller.items():
         mults = ", ".join(f"{k}={v:g}" for k, v in snap.multipliers.items())
         lines.append(f"  {load:g}x: {mults}; {snap.changes} changes, {snap.suppressed} suppressed")
-    lines += ["", "per class, percentiles over successful requests:", format_details(result.sweep)]
     if result.rls:
         lines += ["", format_rls(result.rls, opts.rls_seconds)]
-    lines += ["", f"plot: {result.sweep.plot}"]
     return "\n".join(lines)
 
 
@@ -861,13 +650,13 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.adaptive",
-        description="Critical p99 with adaptive and static rate limits against round-robin, "
-        "and the global rate-limit service's cost with Envoy as its client.",
+        description="Critical TTFT with adaptive and static rate limits against a Kubernetes "
+        "Service, and the global rate-limit service's cost with Envoy as its client.",
     )
     parser.add_argument("--loads", type=_floats, default=DEFAULT_LOADS, help="e.g. 0.5,1.5,2")
-    parser.add_argument("--duration", type=float, default=15.0, help="counted seconds per run")
-    parser.add_argument("--warmup", type=float, default=5.0, help="uncounted seconds per run")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds; a point is their median")
+    parser.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals a run")
+    parser.add_argument("--warmup", type=float, default=5.0, help="of them, seconds not counted")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds, pooled")
     parser.add_argument(
         "--sheddable-limit", type=float, help="per-endpoint sheddable rps (default: half a pod)"
     )
@@ -878,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rls-concurrency", default="1,16", help="requests in flight, e.g. 1,16")
     parser.add_argument("--rls-backends", default="memory,redis", help="memory, redis or both")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the PNG")
-    parser.add_argument("--seed", type=int, default=DemoOptions.seed)
+    parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     scenarios = tuple(dict.fromkeys(s.strip() for s in args.scenarios.split(",") if s.strip()))
@@ -905,10 +694,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rls_seconds=args.rls_seconds,
             rls_concurrency=in_flight,
             rls_backends=backends,
-            demo=DemoOptions(seed=args.seed, testbed=TestbedOptions()),
+            seed=args.seed,
         )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
         result = asyncio.run(run_bench(opts))
-    except (ValueError, DemoError, EnvoyMissing) as exc:
+    except (TestbedError, EnvoyMissing) as exc:
         print(f"bench.adaptive: {exc}", file=sys.stderr)
         return 2
     print(format_report(result))

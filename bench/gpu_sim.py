@@ -1251,7 +1251,7 @@ async def _serve(cfgs: Sequence[SimConfig]) -> None:
     try:
         # One line on stdout that a parent process can wait for (ports may be 0).
         pods = [{"name": s.name, "url": s.url, "port": s.port} for s in sims]
-        print(json.dumps(pods[0] if len(pods) == 1 else {"pods": pods}), flush=True)
+        print(json.dumps({"pods": pods}), flush=True)
         await stop.wait()
     finally:
         for sim in sims:

@@ -1,130 +1,137 @@
-"""Charts for load runs: per-class latency CDFs, and critical p99 across a load sweep.
+"""Charts for the benchmarks and the demo.
 
-The inputs are plain data: a scenario name mapped to latencies in milliseconds per
-class (or to anything with ``latencies_by_class()``, such as a
-:class:`bench.load.LoadResult`). Figures are drawn with matplotlib's Agg canvas
-directly, so no display and no global pyplot state are involved.
+- :func:`plot_panels`: one panel per metric, one line per scenario across load factors.
+- :func:`plot_outcomes`: what each class got in each scenario at one load, failures
+  included: a CDF of time to first token over *all* requests (a failure drawn at the
+  deadline, so a scenario that fails a third of its requests cannot look fast), the
+  success rate per class, and the GPU pool's goodput.
+
+The inputs are plain data. Figures are drawn with matplotlib's Agg canvas directly, so
+no display and no global pyplot state are involved.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-#: Latencies in milliseconds, per class.
-ClassLatencies: TypeAlias = Mapping[str, Sequence[float]]
+#: A scenario name -> load factor -> value (None: no value at that load).
+Series = Mapping[str, Mapping[float, float | None]]
 
 
-class HasLatencies(Protocol):
-    def latencies_by_class(self) -> Mapping[str, Sequence[float]]: ...
+@dataclass(frozen=True)
+class Outcome:
+    """One scenario at one load, as :func:`plot_outcomes` draws it."""
+
+    #: Per class: time to first token in ms of each successful request.
+    ttft_ms: Mapping[str, Sequence[float]]
+    #: Per class: requests that failed (refused, cut, late, no answer).
+    failures: Mapping[str, int]
+    #: Goodput as a percentage of the GPU pool's capacity.
+    goodput_pct: float
 
 
-def _latencies(source: HasLatencies | ClassLatencies) -> ClassLatencies:
-    if isinstance(source, Mapping):
-        return source
-    return source.latencies_by_class()
-
-
-def _cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered, [(i + 1) / n for i in range(n)]
-
-
-def _nearest_rank(ordered: Sequence[float], pct: float) -> float:
-    return ordered[max(1, math.ceil(pct / 100.0 * len(ordered))) - 1]
-
-
-def plot_latency(
-    results: Mapping[str, HasLatencies | ClassLatencies],
+def plot_panels(
+    panels: Mapping[str, Series],
     path: str | Path,
     *,
-    title: str = "Latency per priority class",
+    title: str,
+    xlabel: str = "load (offered / GPU pool capacity)",
+    log_panels: Collection[int] = (),
 ) -> Path:
-    """One panel per class, one CDF line per scenario (log-scale ms); writes a PNG.
-
-    The legend gives each scenario's p50 and p99 and its sample count.
-    """
-    data = {name: _latencies(source) for name, source in results.items()}
-    classes = list(dict.fromkeys(cls for lat in data.values() for cls in lat))
-    fig = Figure(figsize=(5.0 * max(len(classes), 1), 4.0), layout="constrained")
+    """One panel per entry (its key is the y label), one line per scenario."""
+    fig = Figure(figsize=(6.0 * max(len(panels), 1), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(len(classes), 1), squeeze=False)[0]
-    for ax, cls in zip(axes, classes, strict=False):
-        for scenario, latencies in data.items():
-            values = [v for v in latencies.get(cls, ()) if v > 0 and math.isfinite(v)]
-            if not values:
-                continue
-            xs, ys = _cdf(values)
-            label = (
-                f"{scenario}: p50 {_nearest_rank(xs, 50):.0f} ms,"
-                f" p99 {_nearest_rank(xs, 99):.0f} ms (n={len(xs)})"
-            )
-            ax.step(xs, ys, where="post", label=label)
-        ax.set_title(cls)
-        ax.set_xscale("log")
-        _plain_ticks(ax.xaxis)
-        ax.set_xlabel("latency (ms)")
-        ax.set_ylabel("fraction of successful requests")
-        ax.set_ylim(0.0, 1.02)
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for i, (ax, (ylabel, series)) in enumerate(zip(axes, panels.items(), strict=False)):
+        for scenario, points in series.items():
+            xs = sorted(points)
+            ax.plot(xs, [_or_nan(points[x]) for x in xs], marker="o", label=scenario)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if i in log_panels:
+            ax.set_yscale("log")
+            _plain_ticks(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small", loc="lower right")
-        else:
-            ax.text(0.5, 0.5, "no successful requests", ha="center", transform=ax.transAxes)
+        if series:
+            ax.legend(fontsize="small")
     fig.suptitle(title)
     return _save(fig, path)
 
 
-def plot_sweep(
-    sweep: Mapping[str, Mapping[float, float | None]],
-    path: str | Path,
-    *,
-    title: str = "Critical p99 latency under rising load",
-    xlabel: str = "load factor (offered / GPU capacity)",
-    ylabel: str = "critical p99 (ms)",
+def plot_outcomes(
+    outcomes: Mapping[str, Outcome], path: str | Path, *, deadline_ms: float, title: str
 ) -> Path:
-    """One line per scenario (e.g. inferlane vs baseline): load factor -> p99 ms.
-
-    A None value (no successful request at that load) leaves a gap in the line.
-    """
-    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    """Per class a CDF of TTFT over every request, then success rates, then goodput."""
+    classes = list(dict.fromkeys(c for o in outcomes.values() for c in o.ttft_ms))
+    fig = Figure(figsize=(4.6 * (len(classes) + 2), 4.4), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for scenario, points in sweep.items():
-        xs = sorted(points)
-        ys = [_or_nan(points[x]) for x in xs]
-        ax.plot(xs, ys, marker="o", label=scenario)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_yscale("log")
-    _plain_ticks(ax.yaxis)
-    ax.grid(True, which="both", alpha=0.3)
-    if sweep:
-        ax.legend()
+    axes = fig.subplots(1, len(classes) + 2, squeeze=False)[0]
+    for ax, cls in zip(axes, classes, strict=False):
+        _cdf_panel(ax, cls, outcomes, deadline_ms)
+    _success_panel(axes[len(classes)], classes, outcomes)
+    _goodput_panel(axes[len(classes) + 1], outcomes)
+    fig.suptitle(title)
     return _save(fig, path)
 
 
-def format_sweep(sweep: Mapping[str, Mapping[float, float | None]], unit: str = "ms") -> str:
-    """The sweep as a text table: one row per load factor, one column per scenario."""
-    scenarios = list(sweep)
-    factors = sorted({x for points in sweep.values() for x in points})
-    lines = [f"{'load':>6}" + "".join(f"{name:>14}" for name in scenarios)]
-    for x in factors:
-        cells = (sweep[name].get(x) for name in scenarios)
-        lines.append(f"{x:>6g}" + "".join(f"{_cell(v, unit):>14}" for v in cells))
-    return "\n".join(lines)
+def _cdf_panel(ax: Any, cls: str, outcomes: Mapping[str, Outcome], deadline_ms: float) -> None:
+    for name, outcome in outcomes.items():
+        ok = sorted(v for v in outcome.ttft_ms.get(cls, ()) if v > 0 and math.isfinite(v))
+        failed = outcome.failures.get(cls, 0)
+        n = len(ok) + failed
+        if not n:
+            continue
+        xs = ok + [deadline_ms] * failed
+        ys = [(i + 1) / n for i in range(n)]
+        p99 = xs[max(1, math.ceil(0.99 * n)) - 1]
+        label = f"{name}: p99 {'>=deadline' if p99 >= deadline_ms else f'{p99:.0f} ms'}"
+        label += f", {failed / n:.0%} failed" if failed else ""
+        ax.step(xs, ys, where="post", label=label)
+    ax.axvline(deadline_ms, color="grey", linestyle=":", linewidth=1)
+    ax.set_title(f"{cls}: time to first token")
+    ax.set_xscale("log")
+    _plain_ticks(ax.xaxis)
+    ax.set_xlabel("ms (a failure counts at the deadline, dotted)")
+    ax.set_ylabel("fraction of all requests")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines[:-1]:
+        ax.legend(fontsize="small", loc="lower right")
 
 
-def _cell(value: float | None, unit: str) -> str:
-    return "-" if value is None else f"{value:.1f} {unit}"
+def _success_panel(ax: Any, classes: Sequence[str], outcomes: Mapping[str, Outcome]) -> None:
+    width = 0.8 / max(len(outcomes), 1)
+    for i, (name, outcome) in enumerate(outcomes.items()):
+        rates = []
+        for cls in classes:
+            ok, failed = len(outcome.ttft_ms.get(cls, ())), outcome.failures.get(cls, 0)
+            rates.append(100.0 * ok / (ok + failed) if ok + failed else math.nan)
+        xs = [j + (i - (len(outcomes) - 1) / 2) * width for j in range(len(classes))]
+        ax.bar(xs, rates, width=width, label=name)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("requests that succeeded (%)")
+    ax.set_title("success rate")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
+
+
+def _goodput_panel(ax: Any, outcomes: Mapping[str, Outcome]) -> None:
+    names = list(outcomes)
+    ax.bar(range(len(names)), [outcomes[n].goodput_pct for n in names], color="tab:green")
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.axhline(100, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylabel("tokens delivered (% of the GPU pool's capacity)")
+    ax.set_title("GPU pool goodput")
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def _plain_ticks(axis: Any) -> None:

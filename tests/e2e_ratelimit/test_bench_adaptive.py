@@ -1,67 +1,110 @@
-"""The pure parts of bench/adaptive.py: manifest edits, warm-up trimming, the control spec,
-the options' checks and the RLS table. (The benchmark itself runs for minutes; its
-numbers are in docs/performance.md.)"""
+"""The pure parts of bench/adaptive.py: its own addresses, the limit it derives, the goal's
+verdicts, the options' checks and the RLS table. (The benchmark itself runs for minutes;
+its numbers are in docs/performance.md.)"""
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from types import MappingProxyType
 
 import pytest
 
 from bench.adaptive import (
-    ADAPTIVE_ANNOTATION,
-    CRITICAL_ONLY,
-    RELOCATED,
+    ADAPTIVE,
     STATIC,
     AdaptiveBenchOptions,
     DriveResult,
     RlsOverhead,
-    _scenario_spec,
-    after_warmup,
-    annotate_llama,
-    bench_pods,
+    SweepResult,
     format_rls,
+    goal_lines,
     main,
-    relocate,
+    relocated,
 )
-from bench.demo import ScenarioResult, pod_configs
-from bench.load import LoadResult, LoadSpec, RequestRecord
-from tests.mesh.objects import pod, service
+from bench.gpu_sim import Throughput
+from bench.load import Caller, LoadResult, LoadSpec, RequestRecord
+from bench.report import Capacity, Point
+from bench.testbed import CRITICAL_ONLY, RunResult
+from bench.topology import Knobs, Topology
 
 
-def test_annotations_and_pod_addresses_are_rewritten_on_a_copy() -> None:
-    docs = [service("llama", annotations={"a": "1"}), pod("gpu-0", ip="127.0.0.11")]
-    edited = annotate_llama(docs, {ADAPTIVE_ANNOTATION: "true", "a": None})
-    assert edited[0]["metadata"]["annotations"] == {ADAPTIVE_ANNOTATION: "true"}
-    assert docs[0]["metadata"]["annotations"] == {"a": "1"}
-    moved = relocate(docs, RELOCATED)
-    assert moved[1]["status"]["podIP"] == "127.0.1.11"
-    assert docs[1]["status"]["podIP"] == "127.0.0.11"
-    assert {p.host for p in bench_pods()} == {RELOCATED[c.host] for c in pod_configs()}
+def test_the_mesh_moves_to_addresses_of_its_own() -> None:
+    main_mesh, moved = Topology(), relocated(Topology())
+    old = {p.ip for p in main_mesh.pods} | {c.ip for c in main_mesh.callers}
+    new = {p.ip for p in moved.pods} | {c.ip for c in moved.callers}
+    assert len(new) == len(old) and not new & old
+    assert all(ip.startswith("127.0.11.") for ip in new)
+    assert [p.name for p in moved.pods] == [p.name for p in main_mesh.pods]
 
 
-def _record(cls: str, started_s: float) -> RequestRecord:
-    return RequestRecord(cls=cls, status=200, latency_ms=150.0, served_by="x", started_s=started_s)
-
-
-def test_warmup_is_cut_and_the_control_sends_only_critical() -> None:
-    spec = LoadSpec(url="http://x", rate_rps=100.0, duration_s=10.0)
-    records = (_record("critical", 0.5), _record("sheddable", 4.9), _record("critical", 5.0))
-    run = ScenarioResult(STATIC, LoadResult(spec, records, 10.0), {})
-    assert [r.started_s for r in after_warmup(run, 5.0).load.records] == [5.0]
-    control = _scenario_spec(CRITICAL_ONLY, spec)
-    assert dict(control.mix) == {"critical": 1.0}
-    assert control.rate_rps == pytest.approx(30.0)  # the default mix is 30 % critical
-    assert _scenario_spec(STATIC, spec) is spec
+def test_the_limit_is_half_a_gpu_pod_unless_given() -> None:
+    pods = {"a": Throughput(100.0, 10.0, 8.0), "b": Throughput(60.0, 6.0, 8.0)}
+    capacity = Capacity(160.0, 16.0, MappingProxyType(pods))
+    assert AdaptiveBenchOptions().limit(capacity) == 4.0  # half of 8 requests/s
+    assert AdaptiveBenchOptions(sheddable_limit=2.5).limit(capacity) == 2.5
+    knobs = AdaptiveBenchOptions().limited(capacity, adaptive=True)
+    assert knobs.rate_limit == "sheddable=4" and knobs.adaptive
+    assert knobs.max_concurrency == Knobs().max_concurrency
 
 
 def test_bad_options_are_refused() -> None:
     for changes in ({"loads": (0.0,)}, {"scenarios": ("nope",)}, {"repeat": 0}):
         with pytest.raises(ValueError):
             AdaptiveBenchOptions(**changes)
-    assert AdaptiveBenchOptions().limit() == 27.0  # half of a GPU pod's 54 requests/s
     with pytest.raises(SystemExit):
         main(["--rls-concurrency", "0"])
+
+
+def _point(name: str, load: float, ttft_ms: float) -> Point:
+    spec = LoadSpec(callers=(Caller("c", 1.0, {"critical": 1}),), rate_rps=1, duration_s=10)
+    records = tuple(
+        RequestRecord(
+            "c",
+            "critical",
+            200,
+            ttft_ms,
+            500.0,
+            5,
+            "llama-gpu-0",
+            2 + i / 10,
+            scheduled_s=2 + i / 10,
+        )
+        for i in range(60)
+    )
+    load_result = LoadResult(spec, records, 10.0, started_at=time.time())
+    run = RunResult(name, Knobs(), load_result, MappingProxyType({}))
+    return Point(name, load, (run,), 1.0, Capacity(1.0, 1.0, MappingProxyType({})), ())
+
+
+def test_goal_lines_judge_each_scenario_against_its_own_lowest_load() -> None:
+    points = {
+        (ADAPTIVE, 0.5): _point(ADAPTIVE, 0.5, 100.0),
+        (ADAPTIVE, 1.5): _point(ADAPTIVE, 1.5, 110.0),
+        (STATIC, 0.5): _point(STATIC, 0.5, 100.0),
+        (STATIC, 1.5): _point(STATIC, 1.5, 300.0),
+        (CRITICAL_ONLY.name, 0.5): _point(CRITICAL_ONLY.name, 0.5, 90.0),
+        (CRITICAL_ONLY.name, 1.5): _point(CRITICAL_ONLY.name, 1.5, 95.0),
+    }
+    opts = AdaptiveBenchOptions(loads=(0.5, 1.5))
+    sweep = SweepResult(
+        opts,
+        Capacity(1.0, 1.0, MappingProxyType({})),
+        4.0,
+        MappingProxyType(points),
+        MappingProxyType({}),
+    )
+    lines = goal_lines(sweep)
+    assert f"goal {ADAPTIVE}: critical TTFT p99 at 1.5x <= 1.2x its 0.5x value: 1.10x, met" in lines
+    assert (
+        f"goal {STATIC}: critical TTFT p99 at 1.5x <= 1.2x its 0.5x value: 3.00x, MISSED" in lines
+    )
+    assert any(line.startswith("control critical-only") for line in lines)
+    assert sweep.ratio_to_floor(ADAPTIVE, 1.5) == f"{110 / 95:.2f}x"
+    assert (
+        dataclasses.replace(sweep, points=MappingProxyType({})).ratio_to_lowest(ADAPTIVE, 1.5)
+        == "not run"
+    )
 
 
 def test_rls_table_shows_the_added_latency() -> None:
