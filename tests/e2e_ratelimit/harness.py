@@ -205,10 +205,12 @@ async def model_mesh(
         async with aiohttp.ClientSession() as session:
             for caller in started.values():
                 for name in services:
+
+                    async def routed(caller: Caller = caller, name: str = name) -> bool:
+                        return await _routed(session, caller, name)
+
                     await eventually(
-                        lambda c=caller, n=name: _routed(session, c, n),
-                        timeout=20,
-                        what=f"{caller.sidecar.pod_name} routed to {name}",
+                        routed, timeout=20, what=f"{caller.sidecar.pod_name} routed to {name}"
                     )
         yield ModelMesh(planes, sims, started)
 
