@@ -146,6 +146,8 @@ class ModelMesh:
     planes: list[ControlPlane]
     sims: dict[str, RunningSim]
     callers: dict[str, Caller]
+    #: Each Service's pod's own sidecar, when asked for.
+    backends: dict[str, Caller]
 
     @property
     def plane(self) -> ControlPlane:
@@ -167,12 +169,14 @@ async def model_mesh(
     limits: RateLimitSettings | None = None,
     replicas: int = 1,
     step_ms: float = 1.0,
+    backend_sidecars: bool = False,
 ) -> AsyncIterator[ModelMesh]:
     """``services``: name -> (its pod's IP, annotations), each backed by one simulated
     GPU pod (``NAME-0``, serving model ``NAME``); ``callers``: pod name -> IP, each with a
     sidecar whose service account is the pod name without its ``-N`` suffix, connected
-    to the control plane replicas in turn (they share one CA). Yields once every caller is
-    routed to every Service."""
+    to the control plane replicas in turn (they share one CA). With ``backend_sidecars``,
+    each model pod has a sidecar too (service account: the Service's name), through which
+    callers reach it over mTLS. Yields once every caller is routed to every Service."""
     manifest = tmp_path / "mesh.yaml"
     async with contextlib.AsyncExitStack() as stack:
         sims: dict[str, RunningSim] = {}
@@ -202,6 +206,11 @@ async def model_mesh(
             xds_port = planes[i % replicas].ports["xds"]
             opts = sidecar.options(xds_port, service_account=_account(pod_name))
             started[pod_name] = Caller(sidecar, await stack.enter_async_context(running(opts)))
+        backends: dict[str, Caller] = {}
+        for name, (ip, _) in services.items() if backend_sidecars else ():
+            sidecar = Sidecar(ip, f"{name}-0")
+            opts = sidecar.options(planes[0].ports["xds"], service_account=name)
+            backends[name] = Caller(sidecar, await stack.enter_async_context(running(opts)))
         async with aiohttp.ClientSession() as session:
             for caller in started.values():
                 for name in services:
@@ -212,7 +221,7 @@ async def model_mesh(
                     await eventually(
                         routed, timeout=20, what=f"{caller.sidecar.pod_name} routed to {name}"
                     )
-        yield ModelMesh(planes, sims, started)
+        yield ModelMesh(planes, sims, started, backends)
 
 
 def _account(pod_name: str) -> str:
