@@ -28,6 +28,7 @@ bench: venv
 	$(BIN)/python -m bench.priority --duration 15 --warmup 3
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls
+	$(BIN)/python -m bench.tokens --windows 1
 
 demo: venv
 	$(BIN)/python -m bench.demo

@@ -447,10 +447,18 @@ async def listener_url(
     return await eventually(find, timeout=timeout_s, what=f"Envoy listener {name or port}")
 
 
-async def wait_routed(url: str, cls: str, timeout_s: float, what: str) -> None:
-    """Poll until a request of ``cls`` through ``url`` is answered by a pod."""
-    body = {"model": SERVICE, "prompt": "ready?", "max_tokens": 1}
-    headers = {"Host": SERVICE_HOST, PRIORITY_HEADER: cls}
+async def wait_routed(
+    url: str,
+    cls: str,
+    timeout_s: float,
+    what: str,
+    *,
+    host: str = SERVICE_HOST,
+    model: str = SERVICE,
+) -> None:
+    """Poll until a request of ``cls`` through ``url`` to ``host`` is answered by a pod."""
+    body = {"model": model, "prompt": "ready?", "max_tokens": 1}
+    headers = {"Host": host, PRIORITY_HEADER: cls}
     async with aiohttp.ClientSession() as session:
 
         async def routed() -> bool:
