@@ -25,6 +25,9 @@ everything through. Per route, it answers 403 to:
 * any plaintext request to a ``strict`` Service (it can arrive only when the same pod also
   backs a permissive Service and so has a plaintext chain).
 
+Routes guarded by the critical-callers check are marked (:func:`routing.refusals.mark_route`),
+so that their 403s say ``x-inferlane-refused: critical-caller``.
+
 A proxy without an identity cannot present a certificate: its outbound traffic stays
 plaintext (a strict Service then refuses it, as it should), and its inbound listener stays
 plaintext too, with the RBAC rules above refusing what needs an authenticated peer.
