@@ -253,21 +253,11 @@ def manifests(opts: TokenBenchOptions, ports: Mapping[str, int]) -> list[dict[st
         _service(OPEN, RESERVE, None, opts.window),
         account_document(CALLER_ACCOUNT),
         account_document("llama"),
-        pod_document(
-            f"{RESERVE}-0",
-            RESERVE_POD,
-            account="llama",
-            labels={"app": RESERVE},
-            port=ports[RESERVE],
-            resources=gpu,
-        ),
-        pod_document(
-            f"{CHARGE}-0",
-            CHARGE_POD,
-            account="llama",
-            labels={"app": CHARGE},
-            port=ports[CHARGE],
-            resources=gpu,
+        *(
+            pod_document(
+                f"{svc}-0", ip, account="llama", labels={"app": svc}, port=ports[svc], resources=gpu
+            )
+            for svc, ip in ((RESERVE, RESERVE_POD), (CHARGE, CHARGE_POD))
         ),
         *(
             pod_document(

@@ -68,7 +68,7 @@ DEFAULT_TIMEOUT_S = 300.0
 
 #: What a request that names no ``max_tokens`` reserves for its completion, unless the
 #: Service sets ``default-max-tokens``: a long answer, not the model's whole context.
-DEFAULT_MAX_TOKENS = 4096
+RESERVED_MAX_TOKENS = 4096
 
 
 class BudgetTier(enum.StrEnum):
@@ -146,7 +146,7 @@ class ServiceConfig:
     #: LLM tokens per calling identity per window (``inferlane.io/token-budget``).
     token_budgets: tuple[TokenBudget, ...] = ()
     #: Completion tokens a request that names no ``max_tokens`` reserves.
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    default_max_tokens: int = RESERVED_MAX_TOKENS
 
     def timeout_for(self, priority: Priority) -> float:
         return self.timeouts.get(priority, DEFAULT_TIMEOUT_S)

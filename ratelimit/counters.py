@@ -401,10 +401,10 @@ class Counters(abc.ABC):
         return None
 
     def _decide(
-        self, rule: Rule, result: Counted | None, reset: float, reservation: str | None
+        self, rule: Rule, counted: Counted | None, reset: float, reservation: str | None
     ) -> Decision:
         limit = rule.limit.requests_per_unit
-        if result is None:  # the store failed: the failure mode decides
+        if counted is None:  # the store failed: the failure mode decides
             allow = self.failure_mode is FailureMode.OPEN
             return Decision(
                 result=Result.OK if allow else Result.OVER_LIMIT,
@@ -413,14 +413,14 @@ class Counters(abc.ABC):
                 reset_after_s=reset,
                 backend_error=True,
             )
-        count = result.count
-        if not result.added:  # a reservation that did not fit: refused, and not counted
+        count = counted.count
+        if not counted.added:  # a reservation that did not fit: refused, and not counted
             return Decision(
                 Result.OVER_LIMIT, rule, count, remaining=max(0, limit - count), reset_after_s=reset
             )
         if count > limit:
-            result_ = Result.SHADOW_OVER_LIMIT if rule.shadow_mode else Result.OVER_LIMIT
-            return Decision(result=result_, rule=rule, count=count, reset_after_s=reset)
+            result = Result.SHADOW_OVER_LIMIT if rule.shadow_mode else Result.OVER_LIMIT
+            return Decision(result=result, rule=rule, count=count, reset_after_s=reset)
         return Decision(
             result=Result.OK,
             rule=rule,

@@ -69,7 +69,12 @@ from envoy.type.metadata.v3 import metadata_pb2
 from google.protobuf import any_pb2
 
 from mesh.model import BudgetTier
-from ratelimit.local import CALLER_KEY, GLOBAL_RATELIMIT_FILTER, SERVICE_KEY
+from ratelimit.local import (
+    CALLER_KEY,
+    GLOBAL_RATELIMIT_FILTER,
+    SERVICE_KEY,
+    generic_key_action,
+)
 
 #: Descriptor keys: the budget's tier, and (settlements only) the reservation's id.
 TOKENS_KEY: Final = "tokens"
@@ -199,14 +204,6 @@ def token_lua_route_config(default_max_tokens: int) -> Any:
     return _pack(config)
 
 
-def _generic_key(key: str, value: str) -> Any:
-    return route_components_pb2.RateLimit.Action(
-        generic_key=route_components_pb2.RateLimit.Action.GenericKey(
-            descriptor_key=key, descriptor_value=value
-        )
-    )
-
-
 def _metadata(namespace: str, key: str) -> str:
     return f"%DYNAMIC_METADATA({namespace}:{key})%"
 
@@ -222,7 +219,7 @@ def budget_rate_limits(
     """The admission and settlement descriptors of a route whose requests draw from a
     budget of ``tier``, for the filter's per-route ``rate_limits`` (see the module
     docstring). ``service`` is ``NS/NAME`` and ``caller`` the proxy's ``NS/SA``."""
-    actions = [_generic_key(k, v) for k, v in budget_entries(service, tier, caller)]
+    actions = [generic_key_action(k, v) for k, v in budget_entries(service, tier, caller)]
     admission = route_components_pb2.RateLimit(actions=actions)
     if mode is TokenBudgetMode.RESERVE:
         admission.hits_addend.format = _metadata(METADATA_NAMESPACE, RESERVE_KEY)

@@ -34,6 +34,20 @@ limits come from the rules alone. Both are counted in
 
 Without ``callers`` (a service that only trusted peers reach, as envoyproxy/ratelimit
 assumes) descriptors are counted as sent, ``limit`` overrides included.
+
+Token budgets
+=============
+
+A descriptor with a ``tokens`` entry draws on a token budget (:mod:`ratelimit.tokens`).
+At admission its ``hits_addend`` is the request's worst case: it is reserved only if it
+fits, and the answer carries the reservation's id in its dynamic metadata
+(``token_reservation``), which Envoy keeps and sends back with the settlement when the
+stream ends (the same entries plus ``reservation=ID``, the usage as ``hits_addend``).
+The service then replaces the reservation by the usage. A request that any descriptor
+refuses keeps no reservation (they are undone at once), and the answer names the reason
+in its dynamic metadata (``refused``: ``token-budget`` or ``global-rate-limit``), for the
+proxy's local reply mapping (:mod:`routing.refusals`); a token refusal also gets a JSON
+error body saying what the request reserves and what remains.
 """
 
 from __future__ import annotations
@@ -239,20 +253,21 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         ]
         checks = [p for p in parsed if isinstance(p, Check)]
         settlements = [p for p in parsed if isinstance(p, Settlement)]
-        decided = iter(await self.counters.check(domain, checks) if checks else [])
-        decisions = [next(decided) if isinstance(p, Check) else _SETTLED for p in parsed]
+        counted = await self.counters.check(domain, checks) if checks else []
         if settlements:
             await self._settle(domain, settlements)
-        over = any(d.result is Result.OVER_LIMIT for d in decisions)
+        over = any(d.result is Result.OVER_LIMIT for d in counted)
         if over and self.shadow_mode:
             self._shadowed.inc()
             over = False
         if over:
-            await self._release(domain, checks, [d for d in decisions if d is not _SETTLED])
-        self._account(checks, [d for d in decisions if d is not _SETTLED], refused=over)
+            await self._release(domain, checks, counted)
+        self._account(checks, counted, refused=over)
+        decided = iter(counted)
+        decisions = [next(decided) if isinstance(p, Check) else _SETTLED for p in parsed]
         response = rls_pb2.RateLimitResponse(statuses=[_status(d) for d in decisions])
         response.overall_code = _Code.OVER_LIMIT if over else _Code.OK
-        _answer_tokens(response, checks, decisions, over)
+        _answer_tokens(response, checks, counted, over)
         if self.limit_headers:
             response.response_headers_to_add.extend(_limit_headers(response.statuses))
         self._requests.labels(_Code.Name(response.overall_code)).inc()
@@ -352,14 +367,11 @@ def _caller_of(entries: tuple[Entry, ...]) -> str:
     return next((value for key, value in entries if key == CALLER_KEY), "")
 
 
-def _answer_tokens(
-    response: Any, checks: list[Check], decisions: list[Decision], over: bool
-) -> None:
+def _answer_tokens(response: Any, checks: list[Check], counted: list[Decision], over: bool) -> None:
     """What Envoy reads of an answer for token budgets: the reservation's id, or why the
     request was refused (its local reply names the reason), and for a token refusal an
-    OpenAI-style error body."""
+    OpenAI-style error body. ``counted`` are the decisions on ``checks``."""
     metadata: dict[str, str] = {}
-    counted = [d for d in decisions if d is not _SETTLED]
     if over:
         refused = [
             (c, d)
