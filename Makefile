@@ -28,7 +28,7 @@ bench: venv
 	$(BIN)/python -m bench.priority --duration 15 --warmup 3
 	$(BIN)/python -m bench.certs
 	$(BIN)/python -m bench.rls
-	$(BIN)/python -m bench.tokens --windows 1
+	$(BIN)/python -m bench.tokens --windows 1 --latency-requests 400
 
 demo: venv
 	$(BIN)/python -m bench.demo

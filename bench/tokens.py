@@ -105,7 +105,7 @@ class TokenBenchOptions:
     #: ``step_ms`` per engine step (tests).
     slowdown: float = 2.0
     step_ms: float | None = None
-    latency_requests: int = 400
+    latency_requests: int = 1000
     latency_concurrency: int = 8
     seed: int = 13
     setup_timeout_s: float = 60.0
