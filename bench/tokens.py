@@ -32,7 +32,7 @@ What it measures, per budget window (aligned to the epoch, as the counters are):
   token, against a Service without a budget on the same pod, requests alternating.
 
 Figures from a shared or small machine are indicative; ``--windows 5`` (the default)
-is the full run, ``make bench`` runs ``--windows 1``.
+is the full run, ``make bench`` runs ``--windows 1 --latency-requests 400``.
 """
 
 from __future__ import annotations
