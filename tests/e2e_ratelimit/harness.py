@@ -170,13 +170,15 @@ async def model_mesh(
     replicas: int = 1,
     step_ms: float = 1.0,
     backend_sidecars: bool = False,
+    delta: bool = False,
 ) -> AsyncIterator[ModelMesh]:
     """``services``: name -> (its pod's IP, annotations), each backed by one simulated
     GPU pod (``NAME-0``, serving model ``NAME``); ``callers``: pod name -> IP, each with a
     sidecar whose service account is the pod name without its ``-N`` suffix, connected
     to the control plane replicas in turn (they share one CA). With ``backend_sidecars``,
     each model pod has a sidecar too (service account: the Service's name), through which
-    callers reach it over mTLS. Yields once every caller is routed to every Service."""
+    callers reach it over mTLS. Callers speak Delta ADS with ``delta``, else SotW. Yields
+    once every caller is routed to every Service."""
     manifest = tmp_path / "mesh.yaml"
     async with contextlib.AsyncExitStack() as stack:
         sims: dict[str, RunningSim] = {}
@@ -204,7 +206,7 @@ async def model_mesh(
         for i, (pod_name, ip) in enumerate(callers.items()):
             sidecar = Sidecar(ip, pod_name)
             xds_port = planes[i % replicas].ports["xds"]
-            opts = sidecar.options(xds_port, service_account=_account(pod_name))
+            opts = sidecar.options(xds_port, service_account=_account(pod_name), delta=delta)
             started[pod_name] = Caller(sidecar, await stack.enter_async_context(running(opts)))
         backends: dict[str, Caller] = {}
         for name, (ip, _) in services.items() if backend_sidecars else ():

@@ -1,6 +1,6 @@
 """Token budgets through real Envoys, the rate-limit service and a simulated vLLM (issue 13).
 
-Callers use the official OpenAI client through their own sidecar. Each request names its
+Callers use the official OpenAI client through their own sidecar (SotW, and Delta once). Each request names its
 prompt's size (``x-inferlane-prompt-tokens``, as counted by the simulator), so that a
 reservation is exactly its prompt plus ``max_tokens``; ``sim_output_tokens`` makes the
 simulated answer end before ``max_tokens``, as real ones do. Windows are an hour long, so
@@ -134,10 +134,11 @@ async def test_over_its_budget_a_caller_gets_429_and_others_are_untouched(
         assert budgets_seen[("*", "default/batch")]["reserved"] == 615
 
 
-async def test_unused_reserved_tokens_come_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_unused_reserved_tokens_come_back(tmp_path: Path, delta: bool) -> None:
     require_envoy()
     services = {"llama": (GPU, {"inferlane.io/token-budget": "default/chat=100000/h"})}
-    async with model_mesh(tmp_path, services, {"chat-0": CHAT}) as mesh:
+    async with model_mesh(tmp_path, services, {"chat-0": CHAT}, delta=delta) as mesh:
         chat = mesh.callers["chat-0"]
         status, first, body = await complete(chat, max_tokens=1000, output=10)
         assert status == 200 and body.usage.total_tokens == PROMPT_TOKENS + 10
