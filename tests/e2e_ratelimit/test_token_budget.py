@@ -1,10 +1,10 @@
 """Token budgets through real Envoys, the rate-limit service and a simulated vLLM (issue 13).
 
-Callers use the official OpenAI client through their own sidecar (SotW, and Delta once). Each request names its
-prompt's size (``x-inferlane-prompt-tokens``, as counted by the simulator), so that a
-reservation is exactly its prompt plus ``max_tokens``; ``sim_output_tokens`` makes the
-simulated answer end before ``max_tokens``, as real ones do. Windows are an hour long, so
-none rolls over during a test.
+Callers use the official OpenAI client through their own sidecar (SotW ADS, and Delta
+once). Each request names its prompt's size (``x-inferlane-prompt-tokens``, as counted by
+the simulator), so that a reservation is exactly its prompt plus ``max_tokens``;
+``sim_output_tokens`` makes the simulated answer end before ``max_tokens``, as real ones
+do. Windows are an hour long, so none rolls over during a test.
 """
 
 from __future__ import annotations
