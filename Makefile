@@ -31,6 +31,7 @@ bench: venv
 	$(BIN)/python -m bench.rls
 	$(BIN)/python -m bench.picking --duration 60 --callers 16
 	$(BIN)/python -m bench.scheduling
+	$(BIN)/python -m bench.tokens --windows 1 --latency-requests 400
 
 demo: venv
 	$(BIN)/python -m bench.demo

@@ -19,7 +19,9 @@ What it models, after vLLM's V1 engine (``vllm/v1/core/sched/scheduler.py``):
 - **The OpenAI API**: ``/v1/completions`` and ``/v1/chat/completions``, with ``stream:
   true`` as server-sent events, one chunk per token, ``data: [DONE]`` at the end, and
   ``usage`` in the JSON body, or in a last chunk when ``stream_options.include_usage``.
-  Exactly ``max_tokens`` tokens are generated (as with ``ignore_eos``). A client that
+  Exactly ``max_tokens`` tokens are generated (as with ``ignore_eos``), unless the body
+  sets ``sim_output_tokens``: the simulated answer then ends on its own after that many
+  (``finish_reason: stop``), as a real one ends at its end-of-sequence token. A client that
   disconnects aborts its request, as in vLLM.
 - **What vLLM exports**: ``/metrics`` (``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, TTFT, inter-token, queue
@@ -510,6 +512,18 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     priority: int = 0
+    #: Tokens the answer ends after on its own (``sim_output_tokens``), if fewer than
+    #: ``max_tokens``; None: it runs to ``max_tokens``.
+    output_tokens: int | None = None
+
+    @property
+    def generates(self) -> int:
+        """Tokens this request generates."""
+        return min(self.max_tokens, self.output_tokens or self.max_tokens)
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.generates < self.max_tokens else "length"
 
 
 @dataclass(frozen=True)
@@ -563,7 +577,12 @@ def parse_request(body: object, api: Api, cfg: SimConfig) -> CompletionRequest |
         return BadRequest("'priority' must be a 32-bit integer")
     if priority != 0 and cfg.scheduling_policy is not Policy.PRIORITY:
         return BadRequest(f"Got priority {priority} but Priority scheduling is not enabled.")
-    return CompletionRequest(api, model, prompt, max_tokens, stream, include_usage, priority)
+    output = body.get("sim_output_tokens")
+    if output is not None and (not _is_int(output) or output < 1):
+        return BadRequest("'sim_output_tokens' must be a positive integer")
+    return CompletionRequest(
+        api, model, prompt, max_tokens, stream, include_usage, priority, output
+    )
 
 
 def _is_int(value: object) -> bool:
@@ -796,7 +815,7 @@ class _Sim:
         loop = asyncio.get_running_loop()
         seq = Seq(
             prompt_tokens=parsed.prompt_tokens,
-            max_tokens=parsed.max_tokens,
+            max_tokens=parsed.generates,
             arrival=loop.time(),
             priority=parsed.priority,
             cls=cls,
@@ -830,7 +849,7 @@ class _Sim:
         while not seq.done:
             await updated.wait()
             updated.clear()
-        self._finished(seq)
+        self._finished(seq, req)
         headers = {SERVED_BY_HEADER: self.cfg.name, **self._orca(request)}
         return web.json_response(_response_body(req, seq.generated), headers=headers)
 
@@ -858,18 +877,18 @@ class _Sim:
                     sent = seq.generated
                 if seq.done:
                     break
-            self._finished(seq)
+            self._finished(seq, req)
             await resp.write(chunks.end(seq.generated))
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the client went away mid-stream: the request is aborted below
         return resp
 
-    def _finished(self, seq: Seq) -> None:
+    def _finished(self, seq: Seq, req: CompletionRequest) -> None:
         model = self.cfg.model
         self._counts["served"] += 1
         self._requests.labels(model, "200").inc()
-        self._success.labels(model, "length").inc()
+        self._success.labels(model, req.finish_reason).inc()
         if seq.finished_at is not None:
             self._e2e.labels(model).observe(seq.finished_at - seq.arrival)
 
@@ -986,7 +1005,7 @@ class _Chunks:
     def tokens(self, start: int, end: int, *, final: bool) -> bytes:
         parts = []
         for i in range(start, end):
-            reason = '"length"' if final and i == end - 1 else "null"
+            reason = f'"{self._req.finish_reason}"' if final and i == end - 1 else "null"
             text = json.dumps(_TOKEN_TEXT[i % len(_TOKEN_TEXT)])
             parts.append(f"data: {self._prefix}{text}{self._suffix % reason}\n\n")
         return "".join(parts).encode()
@@ -1014,7 +1033,12 @@ def _response_body(req: CompletionRequest, generated: int) -> dict[str, object]:
     usage = _usage(req.prompt_tokens, generated)
     if req.api is Api.CHAT:
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": req.finish_reason,
+        }
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -1022,7 +1046,7 @@ def _response_body(req: CompletionRequest, generated: int) -> dict[str, object]:
             "choices": [choice],
             "usage": usage,
         }
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",

@@ -36,14 +36,12 @@ from typing import Any, Final, TextIO
 import aiohttp
 
 from bench.gpu_sim import SERVED_BY_HEADER
-from mesh.model import PRIORITY_HEADER
+from mesh.model import PRIORITY_HEADER, REFUSED_HEADER
 
 #: Statuses counted as shed: a rate limit's 429 and an overloaded backend's 503.
 SHED_STATUSES: Final = frozenset({429, 503})
 #: The status recorded for a request that got no HTTP response (timeout, reset, refused).
 NO_RESPONSE: Final = 0
-#: The header in which inferlane says why it refused a request.
-REFUSED_HEADER: Final = "x-inferlane-refused"
 #: vLLM's ``priority`` for each class, when the callers write it into the body.
 VLLM_PRIORITY: Final = MappingProxyType({"critical": 0, "standard": 1, "sheddable": 2})
 

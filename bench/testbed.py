@@ -415,9 +415,9 @@ def sidecar_metadata(ip: str, account: str, *, gateway: bool = False) -> dict[st
         "NAMESPACE": NAMESPACE,
         "SERVICE_ACCOUNT": account,
         "INFERLANE_BIND_ADDRESS": ip,
-        "INFERLANE_INBOUND_PORT": str(free_port(ip)),
         # Pods share this host's loopback: each workload listens on its own pod IP.
         "INFERLANE_WORKLOAD_ADDRESS": ip,
+        "INFERLANE_INBOUND_PORT": str(free_port(ip)),
     }
     if gateway:
         meta["INFERLANE_GATEWAY_PORT"] = str(free_port(ip))
@@ -447,10 +447,18 @@ async def listener_url(
     return await eventually(find, timeout=timeout_s, what=f"Envoy listener {name or port}")
 
 
-async def wait_routed(url: str, cls: str, timeout_s: float, what: str) -> None:
-    """Poll until a request of ``cls`` through ``url`` is answered by a pod."""
-    body = {"model": SERVICE, "prompt": "ready?", "max_tokens": 1}
-    headers = {"Host": SERVICE_HOST, PRIORITY_HEADER: cls}
+async def wait_routed(
+    url: str,
+    cls: str,
+    timeout_s: float,
+    what: str,
+    *,
+    host: str = SERVICE_HOST,
+    model: str = SERVICE,
+) -> None:
+    """Poll until a request of ``cls`` through ``url`` to ``host`` is answered by a pod."""
+    body = {"model": model, "prompt": "ready?", "max_tokens": 1}
+    headers = {"Host": host, PRIORITY_HEADER: cls}
     async with aiohttp.ClientSession() as session:
 
         async def routed() -> bool:

@@ -214,11 +214,11 @@ class Topology:
             }
         ]
         accounts = {SERVICE} | {c.service_account for c in self.callers}
-        docs += [_account(name) for name in sorted(accounts)]
+        docs += [account_document(name) for name in sorted(accounts)]
         for pod in self.pods:
             gpu = {"nvidia.com/gpu": 1} if pod.gpu else {}
             docs.append(
-                _pod(
+                pod_document(
                     pod.name,
                     pod.ip,
                     account=SERVICE,
@@ -229,7 +229,7 @@ class Topology:
             )
         for c in self.callers:
             docs.append(
-                _pod(
+                pod_document(
                     f"{c.name}-0",
                     c.ip,
                     account=c.service_account,
@@ -255,7 +255,7 @@ def write_documents(path: Path, documents: Sequence[Mapping[str, Any]]) -> Path:
     return path
 
 
-def _account(name: str) -> dict[str, Any]:
+def account_document(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -263,7 +263,7 @@ def _account(name: str) -> dict[str, Any]:
     }
 
 
-def _pod(
+def pod_document(
     name: str,
     ip: str,
     *,

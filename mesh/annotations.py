@@ -16,7 +16,15 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from mesh.model import AnnotationError, MtlsMode, Priority, SchedulingPolicy, ServiceConfig
+from mesh.model import (
+    AnnotationError,
+    BudgetTier,
+    MtlsMode,
+    Priority,
+    SchedulingPolicy,
+    ServiceConfig,
+    TokenBudget,
+)
 
 PREFIX = "inferlane.io/"
 
@@ -30,12 +38,24 @@ GLOBAL_RATE_LIMIT = PREFIX + "global-rate-limit"
 MTLS = PREFIX + "mtls"
 TIMEOUT = PREFIX + "timeout"
 SCHEDULING_POLICY = PREFIX + "scheduling-policy"
+TOKEN_BUDGET = PREFIX + "token-budget"
+DEFAULT_MAX_TOKENS = PREFIX + "default-max-tokens"
 
 #: Longest value quoted back in an error message; the rest is elided.
 MAX_QUOTED_VALUE = 200
 
 #: Largest max-concurrency: Envoy's circuit-breaker thresholds are uint32.
 MAX_CONCURRENCY_LIMIT = 2**32 - 1
+
+#: Largest token budget per window: the rate-limit service's limits are uint32 in Envoy's
+#: API (``requests_per_unit``).
+MAX_BUDGET_TOKENS = 2**32 - 1
+
+#: Largest default-max-tokens: beyond any model's context, and far inside a budget.
+MAX_DEFAULT_MAX_TOKENS = 10_000_000
+
+#: Token-budget windows (SPEC), in seconds.
+BUDGET_WINDOWS = {"s": 1, "m": 60, "h": 3600}
 
 #: Longest timeout accepted: a week. Longer request timeouts are mistakes, and the cap keeps
 #: every value far inside what an Envoy Duration can hold.
@@ -303,6 +323,53 @@ def _valid_account(name: str) -> bool:
     return len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name) is not None
 
 
+def _parse_token_budgets(value: str) -> tuple[TokenBudget, ...]:
+    """``[critical:]CALLER=TOKENS/WINDOW`` entries, comma-separated; CALLER is ``ns/sa``,
+    ``ns/*``, a SPIFFE ID (read as its ``ns/sa``) or ``*``; WINDOW is ``s``, ``m`` or
+    ``h``. Each tier names a caller at most once."""
+    budgets: list[TokenBudget] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        head, eq, size = item.partition("=")
+        if not eq:
+            raise _Invalid(f"{item!r} is not CALLER=TOKENS/WINDOW")
+        head = head.strip()
+        tier = BudgetTier.STANDARD
+        if head.lower().startswith("critical:"):
+            tier = BudgetTier.CRITICAL
+            head = head[len("critical:") :].strip()
+        caller = _budget_caller(head)
+        tokens, slash, unit = (p.strip() for p in size.partition("/"))
+        if not slash or unit.lower() not in BUDGET_WINDOWS:
+            raise _Invalid(f"{item!r}: the window must be /s, /m or /h")
+        if not _INTEGER.fullmatch(tokens) or not 0 < int(tokens) <= MAX_BUDGET_TOKENS:
+            raise _Invalid(f"{item!r}: tokens must be a whole number, 1 to {MAX_BUDGET_TOKENS}")
+        budget = TokenBudget(caller, int(tokens), BUDGET_WINDOWS[unit.lower()], tier)
+        if any(b.tier is tier and b.caller == caller for b in budgets):
+            raise _Invalid(f"{budget.name} is given twice")
+        budgets.append(budget)
+    return tuple(budgets)
+
+
+def _budget_caller(text: str) -> str:
+    if text == "*":
+        return text
+    try:
+        caller = _normalise_caller(text)
+    except _Invalid as exc:
+        raise _Invalid(f"{exc}, or *") from None
+    identity = entry_identity(caller)
+    assert identity is not None  # _normalise_caller accepted it
+    return f"{identity[0]}/{identity[1]}"
+
+
+def _parse_default_max_tokens(value: str) -> int:
+    if not _INTEGER.fullmatch(value) or not 0 < int(value) <= MAX_DEFAULT_MAX_TOKENS:
+        raise _Invalid(f"must be a whole number, 1 to {MAX_DEFAULT_MAX_TOKENS}")
+    return int(value)
+
+
 _ANNOTATIONS: dict[str, _Annotation] = {
     ENABLED: _Annotation("enabled", _parse_bool),
     DEFAULT_PRIORITY: _Annotation("default_priority", _parse_priority),
@@ -316,6 +383,8 @@ _ANNOTATIONS: dict[str, _Annotation] = {
     MTLS: _Annotation("mtls", _parse_mtls),
     TIMEOUT: _Annotation("timeouts", _per_class(_parse_duration), empty_is_default=True),
     SCHEDULING_POLICY: _Annotation("scheduling", _parse_scheduling),
+    TOKEN_BUDGET: _Annotation("token_budgets", _parse_token_budgets, empty_is_default=True),
+    DEFAULT_MAX_TOKENS: _Annotation("default_max_tokens", _parse_default_max_tokens),
 }
 
 # --- reading critical-callers entries -----------------------------------------------------

@@ -35,9 +35,23 @@ PRIORITY_HEADER = "x-inference-priority"
 SIDECAR_CONTAINER = "inferlane-proxy"
 
 #: The response header that says why inferlane's config refused a request (SPEC
-#: "Refusals"), and its value for a class over its concurrency cap at an endpoint.
+#: "Refusals"); its values are the :class:`Refusal` reasons.
 REFUSED_HEADER = "x-inferlane-refused"
-REFUSED_CONCURRENCY = "concurrency"
+
+
+class Refusal(enum.StrEnum):
+    """Why inferlane's config refused a request: the values of :data:`REFUSED_HEADER`."""
+
+    #: A class over its ``rate-limit`` at an endpoint (429).
+    RATE_LIMIT = "rate-limit"
+    #: A caller over its ``global-rate-limit`` (429).
+    GLOBAL_RATE_LIMIT = "global-rate-limit"
+    #: A caller whose request does not fit in what is left of its ``token-budget`` (429).
+    TOKEN_BUDGET = "token-budget"
+    #: A class over its concurrency share at an endpoint, and no other could take it (503).
+    CONCURRENCY = "concurrency"
+    #: ``critical`` from a caller not on ``critical-callers`` (403).
+    CRITICAL_CALLER = "critical-caller"
 
 
 #: The share of an endpoint's ``max-concurrency`` each class may hold at once, for the
@@ -78,6 +92,52 @@ def _frozen_counts() -> Mapping[Priority, int]:
 #: Default per-class request timeout, in seconds (SPEC: 300 s for every class).
 DEFAULT_TIMEOUT_S = 300.0
 
+#: What a request that names no ``max_tokens`` reserves for its completion, unless the
+#: Service sets ``default-max-tokens``: a long answer, not the model's whole context.
+RESERVED_MAX_TOKENS = 4096
+
+
+class BudgetTier(enum.StrEnum):
+    """Which requests a token budget charges."""
+
+    #: ``standard`` and ``sheddable`` requests: entries written ``CALLER=TOKENS/WINDOW``.
+    STANDARD = "standard"
+    #: ``critical`` requests, charged only by entries written ``critical:CALLER=...``.
+    CRITICAL = "critical"
+
+    @classmethod
+    def of(cls, priority: Priority) -> BudgetTier:
+        return cls.CRITICAL if priority is Priority.CRITICAL else cls.STANDARD
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """One entry of ``inferlane.io/token-budget``: LLM tokens per window for a caller."""
+
+    #: ``NAMESPACE/SERVICEACCOUNT``, ``NAMESPACE/*`` or ``*`` (every caller no other entry
+    #: of the same tier names). With a wildcard, each caller gets a budget of its own.
+    caller: str
+    tokens: int
+    #: The window's length in seconds: 1, 60 or 3600.
+    window_s: int
+    tier: BudgetTier = BudgetTier.STANDARD
+
+    def specificity(self, caller: str) -> int | None:
+        """How closely this entry names ``caller`` (``NS/SA``): 2 exactly, 1 by its
+        namespace, 0 as ``*``; None when it does not name it."""
+        if self.caller == caller:
+            return 2
+        if self.caller.endswith("/*") and caller.startswith(self.caller[:-1]):
+            return 1
+        return 0 if self.caller == "*" else None
+
+    @property
+    def name(self) -> str:
+        """The entry as written in the annotation, without its size: ``default/chat`` or
+        ``critical:*``. Metrics and debug pages name budgets by it."""
+        prefix = "critical:" if self.tier is BudgetTier.CRITICAL else ""
+        return prefix + self.caller
+
 
 @dataclass(frozen=True, eq=True)
 class AnnotationError:
@@ -114,6 +174,10 @@ class ServiceConfig:
     timeouts: Mapping[Priority, float] = field(default_factory=_frozen)
     #: How the model servers order their queue; ``priority`` passes the class on.
     scheduling: SchedulingPolicy = SchedulingPolicy.FCFS
+    #: LLM tokens per calling identity per window (``inferlane.io/token-budget``).
+    token_budgets: tuple[TokenBudget, ...] = ()
+    #: Completion tokens a request that names no ``max_tokens`` reserves.
+    default_max_tokens: int = RESERVED_MAX_TOKENS
 
     def timeout_for(self, priority: Priority) -> float:
         return self.timeouts.get(priority, DEFAULT_TIMEOUT_S)
@@ -134,6 +198,17 @@ class ServiceConfig:
     def caps_concurrency(self) -> bool:
         """Whether any class of this Service has a concurrency cap."""
         return self.max_concurrency is not None or bool(self.class_concurrency)
+
+    def token_budget_for(self, priority: Priority, caller: str) -> TokenBudget | None:
+        """The budget a request of ``priority`` from ``caller`` (``NS/SA``) draws from: the
+        entry of its tier that names the caller most closely, or None (not charged)."""
+        tier = BudgetTier.of(priority)
+        best: tuple[int, TokenBudget] | None = None
+        for budget in self.token_budgets:
+            rank = budget.specificity(caller) if budget.tier is tier else None
+            if rank is not None and (best is None or rank > best[0]):
+                best = (rank, budget)
+        return best[1] if best is not None else None
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ Global (per calling identity and class, across all endpoints; SPEC
 1. Put :func:`global_ratelimit_http_filter` in the filter list, before the router, with
    the name of a cluster that reaches the rate-limit service (:func:`rls_cluster` builds
    one; it must speak HTTP/2).
-2. On each per-class route of a Service with a global limit, extend
-   ``route.route.rate_limits`` with :func:`route_rate_limits`. Each request then sends one
+2. On each per-class route of a Service with a global limit, put
+   :func:`route_rate_limits` in the filter's per-route ``RateLimitPerRoute.rate_limits``
+   (with any token-budget descriptors, :mod:`ratelimit.tokens`: a route with per-route
+   rate limits ignores its own ``route.rate_limits``). Each request then sends one
    descriptor ``[("service", "NS/NAME"), ("caller", "NS/SA"), ("priority", CLASS)]`` to
    the service, which ``ratelimit.rules`` matches.
 
@@ -338,7 +340,8 @@ def global_ratelimit_http_filter(
     )
 
 
-def _generic_key(key: str, value: str) -> Any:
+def generic_key_action(key: str, value: str) -> Any:
+    """A rate-limit action that adds the entry ``(key, value)`` to its descriptor."""
     return route_components_pb2.RateLimit.Action(
         generic_key=route_components_pb2.RateLimit.Action.GenericKey(
             descriptor_key=key, descriptor_value=value
@@ -367,7 +370,7 @@ def route_rate_limits(
     """
     if priority not in global_rate_limit or not service or not caller:
         return []
-    actions = [_generic_key(k, v) for k, v in descriptor_entries(service, caller, priority)]
+    actions = [generic_key_action(k, v) for k, v in descriptor_entries(service, caller, priority)]
     return [route_components_pb2.RateLimit(actions=actions)]
 
 

@@ -17,10 +17,16 @@ names (for metrics) follow envoyproxy/ratelimit: ``domain.key_value.key...``, wi
 value left out where the node has none, so metrics stay bounded by the rules, not the
 callers.
 
-:func:`rules_from_world` builds inferlane's rules: for each Service with a
-``global_rate_limit``, ``service=NS/NAME -> caller (any) -> priority=CLASS`` with the
-class's limit. :func:`parse_domain` reads the YAML-shaped format (as envoyproxy/ratelimit
-loads it) and returns a :class:`RuleError` value instead of raising.
+:func:`rules_from_world` builds inferlane's rules. Under ``service=NS/NAME``: for a
+``global_rate_limit``, ``caller (any) -> priority=CLASS`` with the class's limit; for a
+``token-budget``, ``tokens=TIER -> caller`` with each entry's tokens per window, the
+caller node's value as the entry names it (``ns/sa`` exactly, ``ns/*`` as a prefix, ``*``
+as any value), so that the most specific entry wins as
+:meth:`mesh.model.ServiceConfig.token_budget_for` chooses it. A budget's limit is named
+``NS/NAME:ENTRY`` (``default/llama:critical:default/chat``), the name Envoy's
+``x-ratelimit-limit`` header and the token metrics show. :func:`parse_domain` reads the
+YAML-shaped format (as envoyproxy/ratelimit loads it) and returns a :class:`RuleError`
+value instead of raising.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
-from mesh.model import PRIORITIES, World
+from mesh.model import PRIORITIES, BudgetTier, InferenceService, TokenBudget, World
 from ratelimit.local import CALLER_KEY, DOMAIN, PRIORITY_KEY, SERVICE_KEY
+from ratelimit.tokens import TOKENS_KEY
 
 #: requests_per_unit is a uint32 in Envoy's API.
 MAX_REQUESTS_PER_UNIT = 2**32 - 1
@@ -70,6 +77,7 @@ _UNIT_SECONDS = {
 }
 #: The windows :func:`limit_for_rate` chooses from, shortest first.
 _RATE_UNITS = (Unit.SECOND, Unit.MINUTE, Unit.HOUR, Unit.DAY)
+_UNIT_OF_SECONDS = {unit.seconds: unit for unit in _RATE_UNITS}
 
 
 @dataclass(frozen=True)
@@ -253,24 +261,59 @@ def limit_for_rate(rps: float) -> RateLimit | None:
 
 
 def rules_from_world(world: World, domain: str = DOMAIN) -> RuleSet:
-    """inferlane's global rules: per Service, per class it names, per caller (any value)."""
+    """inferlane's global rules: per Service, its request limits and its token budgets."""
     services: list[Descriptor] = []
     for svc in sorted(world.services, key=lambda s: s.key):
-        limits = svc.config.global_rate_limit
-        classes: list[Descriptor] = []
-        for priority in PRIORITIES:
-            if priority not in limits:
-                continue
-            limit = limit_for_rate(limits[priority])
-            if limit is not None:
-                classes.append(Descriptor(key=PRIORITY_KEY, value=str(priority), rate_limit=limit))
-        if not classes:
-            continue
-        caller = Descriptor(key=CALLER_KEY, descriptors=tuple(classes))
-        services.append(
-            Descriptor(key=SERVICE_KEY, value=f"{svc.namespace}/{svc.name}", descriptors=(caller,))
-        )
+        children = [*_request_limits(svc), *_token_budgets(svc)]
+        if children:
+            services.append(
+                Descriptor(
+                    key=SERVICE_KEY,
+                    value=f"{svc.namespace}/{svc.name}",
+                    descriptors=tuple(children),
+                )
+            )
     return RuleSet.of(DomainRules(domain=domain, descriptors=tuple(services)))
+
+
+def _request_limits(svc: InferenceService) -> list[Descriptor]:
+    """``caller (any) -> priority=CLASS`` per class the global limit names."""
+    limits = svc.config.global_rate_limit
+    classes: list[Descriptor] = []
+    for priority in PRIORITIES:
+        if priority not in limits:
+            continue
+        limit = limit_for_rate(limits[priority])
+        if limit is not None:
+            classes.append(Descriptor(key=PRIORITY_KEY, value=str(priority), rate_limit=limit))
+    return [Descriptor(key=CALLER_KEY, descriptors=tuple(classes))] if classes else []
+
+
+def budget_name(svc: InferenceService, budget: TokenBudget) -> str:
+    """A budget's name: ``NS/NAME:ENTRY``, where ENTRY is :attr:`TokenBudget.name`."""
+    return f"{svc.namespace}/{svc.name}:{budget.name}"
+
+
+def _token_budgets(svc: InferenceService) -> list[Descriptor]:
+    """``tokens=TIER -> caller`` per tier the Service's budgets name."""
+    out = []
+    for tier in BudgetTier:
+        callers = tuple(
+            Descriptor(
+                key=CALLER_KEY,
+                value="" if budget.caller == "*" else budget.caller,
+                rate_limit=RateLimit(
+                    requests_per_unit=budget.tokens,
+                    unit=_UNIT_OF_SECONDS[budget.window_s],
+                    name=budget_name(svc, budget),
+                ),
+            )
+            for budget in svc.config.token_budgets
+            if budget.tier is tier
+        )
+        if callers:
+            out.append(Descriptor(key=TOKENS_KEY, value=str(tier), descriptors=callers))
+    return out
 
 
 # --- Parsing the YAML-shaped format -----------------------------------------------------

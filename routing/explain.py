@@ -211,6 +211,10 @@ def service_view(
             "rate_limit": {str(p): r for p, r in config.rate_limit.items()},
             "global_rate_limit": {str(p): r for p, r in config.global_rate_limit.items()},
             "max_concurrency": config.max_concurrency,
+            "token_budgets": [
+                {"budget": b.name, "tokens": b.tokens, "window_s": b.window_s}
+                for b in config.token_budgets
+            ],
             "adaptive": config.adaptive,
             "endpoints": [
                 endpoint_limits(svc, e, limits)

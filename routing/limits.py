@@ -31,16 +31,27 @@ When the Service is adaptive, each class's rate is scaled by that endpoint's mul
 controller sets them. Only the proxy of that endpoint reads them, so a change of one
 endpoint's multipliers changes that sidecar's route configuration alone.
 
-Global limits (``inferlane.io/global-rate-limit``), on the caller's side
-=======================================================================
+Global limits and token budgets, on the caller's side
+=====================================================
 
 When the options name a rate-limit service, a caller's outbound listener (a sidecar's,
-or a gateway's listener) that has a route to a Service with a global limit gets the
-``ratelimit`` filter before the router, and the static cluster :data:`RLS_CLUSTER` that
-reaches the service. Each route of a limited class sends the descriptor
-``[("service", NS/NAME), ("caller", NS/SA), ("priority", CLASS)]``, where the class is
-the one the route serves as (after defaulting and the caller clamp) and the caller is
-the proxy's identity.
+or a gateway's listener) that has a route to a Service with a global limit
+(``inferlane.io/global-rate-limit``) or a token budget (``inferlane.io/token-budget``)
+gets the ``ratelimit`` filter before the router, and the static cluster
+:data:`RLS_CLUSTER` that reaches the service. The route's class is the one it serves as
+(after defaulting and the caller clamp) and the caller is the proxy's identity:
+
+- each route of a class the global limit names sends the descriptor
+  ``[("service", NS/NAME), ("caller", NS/SA), ("priority", CLASS)]``;
+- each route whose class draws on a budget for this caller
+  (:meth:`~mesh.model.ServiceConfig.token_budget_for`) sends the admission and settlement
+  descriptors of :func:`ratelimit.tokens.budget_rate_limits`, and switches on the Lua
+  filter that works out what a request may cost and did cost (placed before the
+  rate-limit filter, which reads what it writes).
+
+All of them go into the filter's per-route ``rate_limits``, not the route's own: Envoy
+1.40 sends ``hits_addend`` only from there, and a route with per-route rate limits
+ignores its own.
 
 The service counts each call as the identity of its client certificate, not as the
 descriptor's ``caller`` (``xds_server/rls/service.py``), so the cluster speaks mTLS: the
@@ -67,6 +78,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_ratelimit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -88,6 +100,7 @@ from mtls.tls_context import CONTROL_PLANE_NAME, upstream_control_plane_mtls
 from ratelimit.adaptive import class_limits
 from ratelimit.local import (
     DEFAULT_RLS_TIMEOUT_S,
+    GLOBAL_RATELIMIT_FILTER,
     LOCAL_RATELIMIT_FILTER,
     MAX_UINT32,
     PRIORITY_KEY,
@@ -98,6 +111,13 @@ from ratelimit.local import (
     local_ratelimit_http_filter,
     rls_cluster,
     route_rate_limits,
+)
+from ratelimit.tokens import (
+    LUA_FILTER,
+    TokenBudgetMode,
+    budget_rate_limits,
+    token_lua_http_filter,
+    token_lua_route_config,
 )
 from routing import names
 from routing.catalog import own_endpoints, served_ports, served_services
@@ -160,6 +180,9 @@ class RateLimitOptions:
     #: (:func:`routing.endpoints.queue_weight`); an endpoint not in here has the full
     #: weight. Every proxy reads them.
     weights: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: How token budgets are charged: reserve and settle, or charge at the end (for
+    #: comparison; see :mod:`ratelimit.tokens`). Follows ``--token-budget-mode``.
+    token_budget_mode: TokenBudgetMode = TokenBudgetMode.RESERVE
 
 
 def steered(svc: InferenceService) -> bool:
@@ -381,7 +404,9 @@ def _local_limits(
     if xds.LISTENER in out:
         local = local_ratelimit_http_filter(LOCAL_STAT_PREFIX)
         out[xds.LISTENER] = [
-            _with_filter(listener, local) if listener.name == names.INBOUND_LISTENER else listener
+            _with_filters(listener, [local])
+            if listener.name == names.INBOUND_LISTENER
+            else listener
             for listener in out[xds.LISTENER]
         ]
 
@@ -389,9 +414,9 @@ def _local_limits(
 # --------------------------------------------------------------------------- shared
 
 
-def _with_filter(listener: Any, http_filter: Any) -> Any:
-    """A copy of ``listener`` with ``http_filter`` just before the router in every HTTP
-    connection manager (once: a manager that has it already is left alone)."""
+def _with_filters(listener: Any, http_filters: Sequence[Any]) -> Any:
+    """A copy of ``listener`` with ``http_filters``, in order, just before the router in
+    every HTTP connection manager (once: a filter a manager has already is left out)."""
     copy = type(listener)()
     copy.CopyFrom(listener)
     for chain in copy.filter_chains:
@@ -400,13 +425,15 @@ def _with_filter(listener: Any, http_filter: Any) -> Any:
                 continue
             manager = hcm_pb2.HttpConnectionManager()
             network_filter.typed_config.Unpack(manager)
-            if any(f.name == http_filter.name for f in manager.http_filters):
-                continue
+            present = {f.name for f in manager.http_filters}
             position = next(
                 (i for i, f in enumerate(manager.http_filters) if f.name == ROUTER_FILTER),
                 len(manager.http_filters),
             )
-            manager.http_filters.insert(position, http_filter)
+            for http_filter in http_filters:
+                if http_filter.name not in present:
+                    manager.http_filters.insert(position, http_filter)
+                    position += 1
             network_filter.typed_config.CopyFrom(pack(manager))
     return copy
 
@@ -439,30 +466,55 @@ def _outbound_listener_names(proxy: Proxy) -> set[str]:
 
 
 def rate_limited_services(world: World) -> dict[str, InferenceService]:
-    """Virtual-host name -> Service, for every served port of a Service with a global limit."""
+    """Virtual-host name -> Service, for every served port of a Service with a global limit
+    or a token budget."""
     return {
         names.virtual_host(svc.hostname, port.port): svc
         for svc in served_services(world)
-        if svc.config.global_rate_limit
+        if svc.config.global_rate_limit or svc.config.token_budgets
         for port in served_ports(svc)
     }
 
 
-def _limit_routes(route_config: Any, limited: Mapping[str, InferenceService], caller: str) -> bool:
-    """Add ``rate_limits`` to the routes of globally limited Services (in place)."""
-    changed = False
+def _limit_route(route: Any, svc: InferenceService, caller: str, opts: RateLimitOptions) -> bool:
+    """Give one outbound route its global descriptors (in place); True if it has any.
+
+    They all go into the filter's per-route ``rate_limits``: Envoy 1.40 sends a
+    descriptor's ``hits_addend`` only from there, and a route with per-route rate limits
+    ignores its own (see :mod:`ratelimit.tokens`).
+    """
+    service = f"{svc.namespace}/{svc.name}"
+    served = _served_class(route, svc)
+    limits = route_rate_limits(service, caller, served, svc.config.global_rate_limit)
+    budget = svc.config.token_budget_for(served, caller)
+    if budget is not None:
+        limits += budget_rate_limits(service, budget.tier, caller, opts.token_budget_mode)
+        route.typed_per_filter_config[LUA_FILTER].CopyFrom(
+            token_lua_route_config(svc.config.default_max_tokens)
+        )
+    if not limits:
+        return False
+    per_route = rate_limit_pb2.RateLimitPerRoute(rate_limits=limits)
+    route.typed_per_filter_config[GLOBAL_RATELIMIT_FILTER].CopyFrom(pack(per_route))
+    return True
+
+
+def _limit_routes(
+    route_config: Any, limited: Mapping[str, InferenceService], caller: str, opts: RateLimitOptions
+) -> set[str]:
+    """Add the global descriptors to the routes of limited Services (in place); the HTTP
+    filters they need: the rate-limit filter, and the Lua filter for token budgets."""
+    needed: set[str] = set()
     for vhost in route_config.virtual_hosts:
         svc = limited.get(vhost.name)
         if svc is None:
             continue
-        service = f"{svc.namespace}/{svc.name}"
         for route in vhost.routes:
-            served = _served_class(route, svc)
-            for action in route_rate_limits(service, caller, served, svc.config.global_rate_limit):
-                if action not in route.route.rate_limits:
-                    route.route.rate_limits.append(action)
-                changed = True
-    return changed
+            if _limit_route(route, svc, caller, opts):
+                needed.add(GLOBAL_RATELIMIT_FILTER)
+            if LUA_FILTER in route.typed_per_filter_config:
+                needed.add(LUA_FILTER)
+    return needed
 
 
 def rls_cluster_for(address: RlsAddress, *, mtls: bool, name: str = RLS_CLUSTER) -> Any:
@@ -488,7 +540,7 @@ def _global_limits(
     if not limited or xds.ROUTE not in out:
         return
     route_names = _outbound_route_names(proxy)
-    any_limited = False
+    needed: set[str] = set()
     routes = []
     for route_config in out[xds.ROUTE]:
         if route_config.name not in route_names:
@@ -496,25 +548,28 @@ def _global_limits(
             continue
         copy = type(route_config)()
         copy.CopyFrom(route_config)
-        if _limit_routes(copy, limited, proxy.identity):
-            any_limited = True
+        needed |= _limit_routes(copy, limited, proxy.identity, opts)
         routes.append(copy)
-    if not any_limited:
+    if not needed:
         return
     out[xds.ROUTE] = routes
     # A proxy without an identity cannot authenticate to the service: refuse rather than
     # let an uncounted caller through (see the module docstring).
     identified = workload_identity(world, proxy) is not None
-    http_filter = global_ratelimit_http_filter(
-        RLS_CLUSTER,
-        failure_mode_deny=opts.failure_mode_deny or (rls.tls and not identified),
-        timeout_s=opts.rls_timeout_s,
-        stat_prefix=GLOBAL_STAT_PREFIX,
-    )
+    http_filters = [
+        global_ratelimit_http_filter(
+            RLS_CLUSTER,
+            failure_mode_deny=opts.failure_mode_deny or (rls.tls and not identified),
+            timeout_s=opts.rls_timeout_s,
+            stat_prefix=GLOBAL_STAT_PREFIX,
+        )
+    ]
+    if LUA_FILTER in needed:
+        http_filters.insert(0, token_lua_http_filter())  # it feeds the rate-limit filter
     listener_names = _outbound_listener_names(proxy)
     if xds.LISTENER in out:
         out[xds.LISTENER] = [
-            _with_filter(listener, http_filter) if listener.name in listener_names else listener
+            _with_filters(listener, http_filters) if listener.name in listener_names else listener
             for listener in out[xds.LISTENER]
         ]
     clusters = [c for c in out.get(xds.CLUSTER, []) if c.name != RLS_CLUSTER]

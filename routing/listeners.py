@@ -5,12 +5,8 @@ A sidecar gets ``virtualOutbound`` (its workload's outgoing calls) and ``virtual
 take extra HTTP filters (placed before the router) and, for the inbound listener, a
 transport socket and filter chain match, so mTLS termination and rate-limit filters plug
 in without touching this module. Outbound and gateway listeners log per-request stats
-(:mod:`routing.telemetry`).
-
-Every one of them marks a concurrency refusal as SPEC says: a local reply with Envoy's
-response flag ``UO`` (a circuit breaker overflowed: a class over its cap, see
-:mod:`routing.clusters`) gets ``x-inferlane-refused: concurrency``, which callers retry
-on another endpoint.
+(:mod:`routing.telemetry`). Every one of them says why it refused a request
+(:mod:`routing.refusals`).
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -26,39 +21,16 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
-from mesh.model import REFUSED_CONCURRENCY, REFUSED_HEADER
 from mesh.proxy import Proxy
-from routing import names, telemetry
+from routing import names, refusals, telemetry
 from routing.protos import ads_config_source, pack
 
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER: Final = "envoy.filters.http.router"
-#: Envoy's response flag for a circuit-breaker overflow ("upstream overflow").
-OVERFLOW_FLAG: Final = "UO"
 
 
 def router_filter() -> Any:
     return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
-
-
-def concurrency_refusals() -> Any:
-    """Local replies for a circuit-breaker overflow carry ``x-inferlane-refused:
-    concurrency``."""
-    return hcm_pb2.LocalReplyConfig(
-        mappers=[
-            hcm_pb2.ResponseMapper(
-                filter=accesslog_pb2.AccessLogFilter(
-                    response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=[OVERFLOW_FLAG])
-                ),
-                headers_to_add=[
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key=REFUSED_HEADER, value=REFUSED_CONCURRENCY),
-                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                    )
-                ],
-            )
-        ]
-    )
 
 
 def http_connection_manager(
@@ -74,7 +46,7 @@ def http_connection_manager(
 
     ``optional_filters`` marks every filter but the router ``is_optional``, which a gRPC
     proxyless client needs for filters it does not implement. ``mark_refusals`` adds
-    :func:`concurrency_refusals`.
+    :func:`routing.refusals.local_reply_config`.
     """
     filters = []
     for given in http_filters:
@@ -93,7 +65,7 @@ def http_connection_manager(
     if use_remote_address:
         manager.use_remote_address.value = True
     if mark_refusals:
-        manager.local_reply_config.CopyFrom(concurrency_refusals())
+        manager.local_reply_config.CopyFrom(refusals.local_reply_config())
     return manager
 
 

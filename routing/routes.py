@@ -44,10 +44,10 @@ from google.protobuf import wrappers_pb2
 from mesh.model import (
     PRIORITIES,
     PRIORITY_HEADER,
-    REFUSED_CONCURRENCY,
     REFUSED_HEADER,
     InferenceService,
     Priority,
+    Refusal,
     SchedulingPolicy,
     ServicePort,
 )
@@ -105,7 +105,7 @@ def set_class_header(priority: Priority) -> Any:
 def _refusal_match() -> Any:
     """The response header of a refusal for concurrency, which every class retries."""
     return route_components_pb2.HeaderMatcher(
-        name=REFUSED_HEADER, string_match=string_pb2.StringMatcher(exact=REFUSED_CONCURRENCY)
+        name=REFUSED_HEADER, string_match=string_pb2.StringMatcher(exact=Refusal.CONCURRENCY)
     )
 
 

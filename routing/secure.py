@@ -25,6 +25,9 @@ everything through. Per route, it answers 403 to:
 * any plaintext request to a ``strict`` Service (it can arrive only when the same pod also
   backs a permissive Service and so has a plaintext chain).
 
+Routes guarded by the critical-callers check are marked (:func:`routing.refusals.mark_route`),
+so that their 403s say ``x-inferlane-refused: critical-caller``.
+
 A proxy without an identity cannot present a certificate: its outbound traffic stays
 plaintext (a strict Service then refuses it, as it should), and its inbound listener stays
 plaintext too, with the RBAC rules above refusing what needs an authenticated peer.
@@ -61,12 +64,12 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from mesh import xds
-from mesh.model import InferenceService, MtlsMode, Priority, World
+from mesh.model import InferenceService, MtlsMode, Priority, Refusal, World
 from mesh.proxy import Proxy, ProxyKind
 from mtls.ca import BadIdentity, spiffe_id
 from mtls.identity import DEFAULT_TRUST_DOMAIN, workload_identity
 from mtls.tls_context import downstream_mtls, upstream_mtls
-from routing import clamp, endpoints, names
+from routing import clamp, endpoints, names, refusals
 from routing.catalog import served_ports, served_services
 from routing.clusters import HTTP_OPTIONS
 from routing.protos import duration, pack
@@ -278,8 +281,13 @@ def _claims_critical(route_name: str, svc: InferenceService) -> bool:
     return route_name == names.DEFAULT_ROUTE and svc.config.default_priority is Priority.CRITICAL
 
 
+def _guards_critical(route_name: str, svc: InferenceService) -> bool:
+    """Whether the route's guard is the critical-callers check (its 403s say so)."""
+    return bool(svc.config.critical_callers) and _claims_critical(route_name, svc)
+
+
 def _route_guard(route_name: str, svc: InferenceService, trust_domain: str) -> Any | None:
-    if svc.config.critical_callers and _claims_critical(route_name, svc):
+    if _guards_critical(route_name, svc):
         principals = [
             p
             for p in (caller_principal(e, trust_domain) for e in svc.config.critical_callers)
@@ -304,6 +312,8 @@ def _guard_inbound_routes(
             guard = _route_guard(route.name, svc, trust_domain)
             if guard is not None:
                 route.typed_per_filter_config[RBAC_FILTER].CopyFrom(guard)
+                if _guards_critical(route.name, svc):
+                    refusals.mark_route(route, Refusal.CRITICAL_CALLER)
     return guarded
 
 

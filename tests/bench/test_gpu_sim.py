@@ -404,6 +404,31 @@ async def test_chat_stream_starts_with_the_role_and_the_body_carries_usage() -> 
         assert whole["usage"]["completion_tokens"] == 3
 
 
+async def test_an_answer_that_ends_before_max_tokens_reports_what_it_made() -> None:
+    async with (
+        await start_sim(SimConfig(cost=StepCost.flat(1.0))) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        body = {"prompt": "one two", "max_tokens": 1000, "sim_output_tokens": 3}
+        async with session.post(sim.url + "/v1/completions", json=body) as resp:
+            whole = await resp.json()
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        assert whole["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with session.post(sim.url + "/v1/completions", json=streamed) as resp:
+            events = [json.loads(d) for _, d in await read_events(resp) if d != "[DONE]"]
+        assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None, None, "stop"]
+        assert events[-1]["usage"]["completion_tokens"] == 3
+        longer = {**body, "max_tokens": 2}  # max_tokens still caps the answer
+        async with session.post(sim.url + "/v1/completions", json=longer) as resp:
+            capped = await resp.json()
+        assert capped["choices"][0]["finish_reason"] == "length"
+        assert capped["usage"]["completion_tokens"] == 2
+        bad = {**body, "sim_output_tokens": 0}
+        async with session.post(sim.url + "/v1/completions", json=bad) as resp:
+            assert resp.status == 400
+
+
 async def test_orca_header_in_json_and_text_on_whole_responses_only() -> None:
     cfg = SimConfig(max_num_seqs=1, cost=StepCost.flat(20.0))
     async with await start_sim(cfg) as sim, aiohttp.ClientSession() as session:

@@ -1,8 +1,9 @@
 """The chart's Grafana dashboard against a real Prometheus scraping a running mesh.
 
 A small demo mesh runs on loopback: the control plane (in process), simulated model
-servers (bench.gpu_sim: two GPU pods and a CPU fallback, with small queues so some
-requests are shed) and a client sidecar (a real Envoy). A real Prometheus scrapes the
+servers (bench.gpu_sim: two GPU pods and a CPU fallback) behind a Service with a small
+``max-concurrency``, so that some requests are shed, and a client sidecar (a real
+Envoy). A real Prometheus scrapes the
 control plane's ``/metrics``, the Envoy's ``/stats/prometheus`` and the pods'
 ``/metrics`` every second, while a short load of every class goes through the sidecar.
 Then every panel's query of ``charts/inferlane/dashboards/inferlane.json`` must return
@@ -154,6 +155,9 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
         *(SimConfig.gpu_pod(n, ip, max_num_seqs=2) for n, ip in GPU_PODS),
         SimConfig.cpu_pod(CPU_POD[0], CPU_POD[1]),
     ]
+    # Each class may have only its share of two requests per ready pod in flight from the
+    # sidecar; beyond it, requests wait briefly, then are shed (503).
+    capped = {"inferlane.io/max-concurrency": "2"}
     sims = await start_sims(configs)
     try:
         manifest = tmp_path / "cluster.yaml"
@@ -230,6 +234,12 @@ async def test_every_panel_query_returns_data(tmp_path: Path) -> None:
                 }
                 ttft_n, whole_n = counts.values()
                 assert 0 < ttft_n < whole_n, counts
+                # And every request with a first token has a duration at least as long.
+                sums = [
+                    float((await query(session, prom, f"sum({name}_sum)"))[0]["value"][1])
+                    for name in ("envoy_inferlane_request_ttft", "envoy_inferlane_request_duration")
+                ]
+                assert 0 < sums[0] <= sums[1], sums
     finally:
         for sim in sims:
             await sim.stop()

@@ -84,6 +84,7 @@ async def test_describe_service_and_pods(
         "inferlane.io/adaptive": "true",
         "inferlane.io/max-concurrency": "4",
         "inferlane.io/timeout": "critical=30s",
+        "inferlane.io/token-budget": "*=20000/m",
     }
     async with echo_server("gpu-0", host=GPU) as gpu, echo_server("cpu-0", host=CPU) as cpu:
         chat = pod("chat-0", labels={"app": "chat"}, ip=CHAT, service_account="chat-frontend")
@@ -153,6 +154,7 @@ async def test_describe_service_and_pods(
             limits = view["limits"]
             assert limits["rate_limit"] == {"sheddable": 5.0}
             assert limits["max_concurrency"] == 4
+            assert limits["token_budgets"] == [{"budget": "*", "tokens": 20000, "window_s": 60}]
             assert {e["pod"]: e["rates"] for e in limits["endpoints"]} == {
                 "default/gpu-0": {"sheddable": 5.0},
                 "default/cpu-0": {"sheddable": 5.0},
@@ -184,6 +186,7 @@ async def test_describe_service_and_pods(
             assert outbound_cluster(8000, Priority.CRITICAL, HOST) in text
             assert "sidecar (mTLS)" in text and "fallback" in text
             assert "default/chat-frontend; pods: default/chat-0" in text
+            assert "token budgets per caller: *=20000/m" in text
             assert gpu_id in text
 
             # A backend pod: where it sits in each class, and its proxy.

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from bench.gpu_sim import SERVED_BY_HEADER
-from mesh.model import REFUSED_CONCURRENCY, REFUSED_HEADER
+from mesh.model import REFUSED_HEADER, Refusal
 from tests.e2e_admission.harness import (
     INBOUND_CLUSTER,
     OUTBOUND_CLUSTER,
@@ -78,7 +78,7 @@ async def test_eight_callers_cannot_hold_more_than_the_pods_sheddable_cap(
         refused = [r for r in results if r[0] != 200]
         assert len(served) >= cap and len(refused) >= len(results) - 2 * cap, (served, refused)
         for code, headers, _ in refused:
-            assert (code, headers.get(REFUSED_HEADER)) == (503, REFUSED_CONCURRENCY)
+            assert (code, headers.get(REFUSED_HEADER)) == (503, Refusal.CONCURRENCY)
         # Refused by the pod's own sidecar, the one place every caller's requests meet;
         # each refused request was tried again (on the only pod there is) before failing.
         inbound = INBOUND_CLUSTER.format(SHEDDABLE)

@@ -195,12 +195,23 @@ def _global_filter(listener: Any) -> Any:
     return config
 
 
+def per_route_limits(route: Any) -> list[Any]:
+    """The global filter's per-route ``rate_limits`` of ``route`` (where every global
+    descriptor goes); the route's own stay empty."""
+    assert not route.route.rate_limits
+    if GLOBAL_FILTER not in route.typed_per_filter_config:
+        return []
+    config = rate_limit_pb2.RateLimitPerRoute()
+    route.typed_per_filter_config[GLOBAL_FILTER].Unpack(config)
+    return list(config.rate_limits)
+
+
 def _descriptors(route_config: Any) -> dict[str, list[tuple[str, str]]]:
     (vhost,) = route_config.virtual_hosts
     out = {}
     for route in vhost.routes:
         entries = []
-        for limit in route.route.rate_limits:
+        for limit in per_route_limits(route):
             entries += [
                 (a.generic_key.descriptor_key, a.generic_key.descriptor_value)
                 for a in limit.actions

@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.annotations import KNOWN_ANNOTATIONS, PREFIX, parse_service_config
-from mesh.model import DEFAULT_TIMEOUT_S, MtlsMode, Priority, SchedulingPolicy, ServiceConfig
+from mesh.model import (
+    DEFAULT_TIMEOUT_S,
+    BudgetTier,
+    MtlsMode,
+    Priority,
+    SchedulingPolicy,
+    ServiceConfig,
+    TokenBudget,
+)
 
 C, S, H = Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE
 
@@ -121,6 +129,19 @@ def test_timeout_durations(value: str, seconds: float) -> None:
         ("critical-callers", "default/", "namespace/serviceaccount"),
         ("critical-callers", "spiffe://td/ns/x", "spiffe://TRUST_DOMAIN"),
         ("critical-callers", "spiffe://td/ns/X/sa/y", "not a valid name"),
+        ("token-budget", "default/chat", "not CALLER=TOKENS/WINDOW"),
+        ("token-budget", "default/chat=100", "window must be"),
+        ("token-budget", "default/chat=100/d", "window must be"),
+        ("token-budget", "default/chat=100/60s", "window must be"),
+        ("token-budget", "default/chat=0/m", "1 to 4294967295"),
+        ("token-budget", "default/chat=1.5/m", "1 to 4294967295"),
+        ("token-budget", "default/chat=99999999999/m", "1 to 4294967295"),
+        ("token-budget", "chat=100/m", "or *"),
+        ("token-budget", "urgent:default/chat=100/m", "not a valid namespace"),
+        ("token-budget", "*=1/m,* = 2/h", "* is given twice"),
+        ("token-budget", "critical:*=1/m,critical:*=2/h", "critical:* is given twice"),
+        ("default-max-tokens", "0", "1 to 10000000"),
+        ("default-max-tokens", "lots", "1 to 10000000"),
     ],
 )
 def test_a_bad_value_is_one_error_and_its_default(
@@ -146,6 +167,8 @@ def test_a_bad_value_is_one_error_and_its_default(
         "timeout": "timeouts",
         "critical-callers": "critical_callers",
         "scheduling-policy": "scheduling",
+        "token-budget": "token_budgets",
+        "default-max-tokens": "default_max_tokens",
     }[annotation]
     defaults = ServiceConfig()
     assert getattr(config, field) == getattr(defaults, field)
@@ -283,8 +306,59 @@ def test_every_known_annotation_is_in_the_spec_table() -> None:
             "mtls",
             "scheduling-policy",
             "timeout",
+            "token-budget",
+            "default-max-tokens",
         )
     }
+
+
+def test_token_budgets_as_spec_writes_them() -> None:
+    config, errors = parse_service_config(
+        {
+            "inferlane.io/token-budget": " default/chat-frontend=200000/m, *=20000/M,"
+            "critical:spiffe://cluster.local/ns/web/sa/gw=50/s, CRITICAL:ops/*=9/h",
+            "inferlane.io/default-max-tokens": "512",
+        }
+    )
+    assert errors == ()
+    assert config.token_budgets == (
+        TokenBudget("default/chat-frontend", 200000, 60),
+        TokenBudget("*", 20000, 60),
+        TokenBudget("web/gw", 50, 1, BudgetTier.CRITICAL),
+        TokenBudget("ops/*", 9, 3600, BudgetTier.CRITICAL),
+    )
+    assert config.default_max_tokens == 512
+    assert [b.name for b in config.token_budgets] == [
+        "default/chat-frontend",
+        "*",
+        "critical:web/gw",
+        "critical:ops/*",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("priority", "caller", "expected"),
+    [
+        # The most specific entry of the request's tier wins: exact, then namespace, then *.
+        (S, "default/chat", "default/chat"),
+        (H, "default/chat", "default/chat"),
+        (S, "default/batch", "default/*"),
+        (S, "team-a/batch", "*"),
+        # critical draws only on critical: entries; none names default/chat.
+        (C, "default/chat", None),
+        (C, "ops/pager", "critical:ops/pager"),
+        (C, "ops/other", None),
+    ],
+)
+def test_which_budget_a_request_draws_on(
+    priority: Priority, caller: str, expected: str | None
+) -> None:
+    config, errors = parse_service_config(
+        {"inferlane.io/token-budget": "*=1/m,default/*=2/m,default/chat=3/m,critical:ops/pager=4/m"}
+    )
+    assert errors == ()
+    budget = config.token_budget_for(priority, caller)
+    assert (budget.name if budget else None) == expected
 
 
 _keys = st.one_of(

@@ -79,6 +79,14 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     ]
 
 
+def _budgets(budgets: list[dict[str, Any]]) -> str:
+    windows = {1: "s", 60: "m", 3600: "h"}
+    return (
+        ", ".join(f"{b['budget']}={b['tokens']}/{windows[b['window_s']]}" for b in budgets)
+        or "none"
+    )
+
+
 def _rates(rates: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:g}/s" for k, v in rates.items()) or "none"
 
@@ -172,6 +180,7 @@ def format_service(view: Mapping[str, Any]) -> str:
         f"  rate-limit per endpoint: {_rates(limits['rate_limit'])}",
         f"  global rate-limit per caller: {_rates(limits['global_rate_limit'])}",
         f"  max-concurrency per endpoint: {limits['max_concurrency'] or 'none'}",
+        f"  token budgets per caller: {_budgets(limits.get('token_budgets', []))}",
         f"  adaptive: {'on' if limits['adaptive'] else 'off'}",
     ]
     for endpoint in limits["endpoints"]:

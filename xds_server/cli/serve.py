@@ -157,6 +157,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="weigh each GPU-backed endpoint by its queue (vllm:num_requests_waiting, "
         "scraped every second) in every caller's EDS; default: least request alone",
     )
+    limits.add_argument(
+        "--token-budget-mode",
+        choices=("reserve", "charge-at-end"),
+        default="reserve",
+        help="charge token budgets by reserving each request's worst case and settling on "
+        "its usage (reserve, default), or by charging the usage at the end only "
+        "(charge-at-end: Envoy AI Gateway's method, which overshoots; for comparison)",
+    )
     serve.set_defaults(run=run)
     return serve
 
@@ -164,6 +172,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(options: argparse.Namespace) -> int:
     from mtls.ca import MtlsError
     from ratelimit.counters import FailureMode
+    from ratelimit.tokens import TokenBudgetMode
     from xds_server.app import ServeSettings, serve
     from xds_server.auth.settings import SecuritySettings
     from xds_server.rls.runtime import RateLimitSettings
@@ -193,6 +202,7 @@ def run(options: argparse.Namespace) -> int:
             redis_url=options.redis or None,
             failure_mode=FailureMode(options.rate_limit_failure_mode),
             queue_weights=options.queue_weights,
+            token_budget_mode=TokenBudgetMode(options.token_budget_mode),
         ),
     )
     try:

@@ -19,8 +19,10 @@
   Only that endpoint's sidecar reads them, so only its config changes. The controller's
   change budget bounds the pushes per endpoint; the debouncer folds simultaneous changes
   of several endpoints into one generation.
-- **``/debug/ratelimits``**: the rules, the counter store's state, the controller's
-  per-endpoint state with its reasons, and each adaptive endpoint's current rates.
+- **``/debug/ratelimits``**: the rules, the counter store's state, each token budget's
+  current window per caller as this replica saw it (:class:`~ratelimit.budgets.BudgetLedger`),
+  the controller's per-endpoint state with its reasons, and each adaptive endpoint's
+  current rates.
 
 Everything runs on the control plane's event loop; the controller is not thread-safe and
 is only touched from here.
@@ -58,6 +60,7 @@ from ratelimit.counters import (
 from ratelimit.local import DEFAULT_RLS_TIMEOUT_S
 from ratelimit.rules import rules_from_world
 from ratelimit.scrape import VLLM, MetricNames, ScrapeError, Scraper
+from ratelimit.tokens import TokenBudgetMode
 from routing.catalog import served_ports, served_services
 from routing.endpoints import FULL_WEIGHT, endpoint_key, queue_weight
 from routing.limits import (
@@ -102,6 +105,8 @@ class RateLimitSettings:
     rls_timeout_s: float = DEFAULT_RLS_TIMEOUT_S
     #: Decide and count as usual but never refuse (envoyproxy/ratelimit's shadow mode).
     shadow_mode: bool = False
+    #: How proxies charge token budgets (:class:`~ratelimit.tokens.TokenBudgetMode`).
+    token_budget_mode: TokenBudgetMode = TokenBudgetMode.RESERVE
     #: Seconds between scrape rounds of the adaptive endpoints. One second resolves a
     #: queue building up well within the controller's default two-second hold.
     scrape_interval_s: float = 1.0
@@ -271,12 +276,17 @@ class RateLimitRuntime:
             self._weights = {k: w for k, w in self._weights.items() if k in self._weighted}
 
     def _warn_unserved(self, world: World) -> None:
-        """Say once per Service that its global limit has no service to enforce it."""
-        limited = {f"{s.namespace}/{s.name}" for s in world.services if s.config.global_rate_limit}
+        """Say once per Service that its global limit or token budget has no service to
+        enforce it."""
+        limited = {
+            f"{s.namespace}/{s.name}"
+            for s in world.services
+            if s.config.global_rate_limit or s.config.token_budgets
+        }
         for name in sorted(limited - self._unserved):
             log.warning(
-                "%s sets inferlane.io/global-rate-limit, but this control plane runs no global "
-                "rate-limit service (--rls-port off): the limit is not enforced",
+                "%s sets inferlane.io/global-rate-limit or token-budget, but this control plane "
+                "runs no global rate-limit service (--rls-port off): it is not enforced",
                 name,
             )
         self._unserved = limited
@@ -311,6 +321,7 @@ class RateLimitRuntime:
             weights=MappingProxyType(
                 {k: w for k, w in sorted(self._weights.items()) if w != FULL_WEIGHT}
             ),
+            token_budget_mode=self.settings.token_budget_mode,
         )
 
     # -- lifecycle ----------------------------------------------------------------------

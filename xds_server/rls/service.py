@@ -34,10 +34,25 @@ limits come from the rules alone. Both are counted in
 
 Without ``callers`` (a service that only trusted peers reach, as envoyproxy/ratelimit
 assumes) descriptors are counted as sent, ``limit`` overrides included.
+
+Token budgets
+=============
+
+A descriptor with a ``tokens`` entry draws on a token budget (:mod:`ratelimit.tokens`).
+At admission its ``hits_addend`` is the request's worst case: it is reserved only if it
+fits, and the answer carries the reservation's id in its dynamic metadata
+(``token_reservation``), which Envoy keeps and sends back with the settlement when the
+stream ends (the same entries plus ``reservation=ID``, the usage as ``hits_addend``).
+The service then replaces the reservation by the usage. A request that any descriptor
+refuses keeps no reservation (they are undone at once), and the answer names the reason
+in its dynamic metadata (``refused``: ``token-budget`` or ``global-rate-limit``), for the
+proxy's local reply mapping (:mod:`routing.refusals`); a token refusal also gets a JSON
+error body saying what the request reserves and what remains.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -49,10 +64,19 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 from prometheus_client import Counter, Histogram
 
+from mesh.model import Refusal
 from mtls.ca import MtlsError, parse_spiffe_id
-from ratelimit.counters import Check, Counters, Decision, Result
+from ratelimit.budgets import BudgetLedger, BudgetMetrics, budget_labels
+from ratelimit.counters import Check, Counters, Decision, Result, Settled, Settlement
 from ratelimit.local import CALLER_KEY, SERVICE_KEY
 from ratelimit.rules import Entry, Rule, RuleSet, Unit, override_rule
+from ratelimit.tokens import (
+    NO_RESERVATION,
+    REFUSED_METADATA_KEY,
+    RESERVATION_METADATA_KEY,
+    is_token_descriptor,
+    split_settlement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +189,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.budget_metrics = BudgetMetrics(registry)
+        #: Token budgets per caller, as this replica saw them (``/debug/ratelimits``).
+        self.ledger = BudgetLedger()
 
     @property
     def rules(self) -> RuleSet:
@@ -185,6 +212,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             "shadow_mode": self.shadow_mode,
             "limit_headers": self.limit_headers,
             **self._rules.to_dict(),
+            "token_budgets": self.ledger.snapshot(),
         }
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
@@ -219,25 +247,38 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         if not request.descriptors:
             raise InvalidRequest("rate limit descriptor list must not be empty")
         rules = self._rules  # one snapshot for the whole call
-        checks = [
-            self._check(rules, domain, d, request.hits_addend, caller) for d in request.descriptors
+        parsed = [
+            self._descriptor(rules, domain, d, request.hits_addend, caller)
+            for d in request.descriptors
         ]
-        decisions = await self.counters.check(domain, checks)
-        response = rls_pb2.RateLimitResponse(statuses=[_status(d) for d in decisions])
-        over = any(d.result is Result.OVER_LIMIT for d in decisions)
+        checks = [p for p in parsed if isinstance(p, Check)]
+        settlements = [p for p in parsed if isinstance(p, Settlement)]
+        counted = await self.counters.check(domain, checks) if checks else []
+        if settlements:
+            await self._settle(domain, settlements)
+        over = any(d.result is Result.OVER_LIMIT for d in counted)
         if over and self.shadow_mode:
             self._shadowed.inc()
             over = False
+        if over:
+            await self._release(domain, checks, counted)
+        self._account(checks, counted, refused=over)
+        decided = iter(counted)
+        decisions = [next(decided) if isinstance(p, Check) else _SETTLED for p in parsed]
+        response = rls_pb2.RateLimitResponse(statuses=[_status(d) for d in decisions])
         response.overall_code = _Code.OVER_LIMIT if over else _Code.OK
+        _answer_tokens(response, checks, counted, over)
         if self.limit_headers:
             response.response_headers_to_add.extend(_limit_headers(response.statuses))
         self._requests.labels(_Code.Name(response.overall_code)).inc()
         self._latency.observe(time.perf_counter() - started)
         return response
 
-    def _check(
+    def _descriptor(
         self, rules: RuleSet, domain: str, descriptor: Any, request_hits: int, caller: str | None
-    ) -> Check:
+    ) -> Check | Settlement:
+        """What one descriptor asks: a count (a reservation, for a token admission that
+        carries its cost) or a token settlement."""
         entries: tuple[Entry, ...] = tuple((e.key, e.value) for e in descriptor.entries)
         if caller is not None:
             counted = as_caller(entries, caller)
@@ -247,6 +288,17 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 entries = counted
             if descriptor.HasField("limit"):
                 self._corrected.labels("limit").inc()
+        explicit = descriptor.HasField("hits_addend")
+        hits = min(int(descriptor.hits_addend.value if explicit else request_hits), MAX_HITS)
+        settlement = split_settlement(entries)
+        if settlement is not None:
+            counter, reservation = settlement
+            return Settlement(
+                counter,
+                rules.match(counter, domain),
+                None if reservation == NO_RESERVATION else reservation,
+                used=hits,
+            )
         rule: Rule | None
         if (
             caller is None
@@ -261,11 +313,100 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             )
         else:
             rule = rules.match(entries, domain)
-        if descriptor.HasField("hits_addend"):
-            hits = int(descriptor.hits_addend.value)
-        else:
-            hits = int(request_hits)
+        if explicit and hits > 0 and is_token_descriptor(entries):
+            return Check(entries=entries, rule=rule, hits=hits, reserve=True)
         return Check(entries=entries, rule=rule, hits=max(1, hits))
+
+    async def _settle(self, domain: str, settlements: list[Settlement]) -> None:
+        results = await self.counters.settle(domain, settlements)
+        for settlement, result in zip(settlements, results, strict=True):
+            self.budget_metrics.settlements.labels(str(result.outcome)).inc()
+            rule = settlement.rule
+            if rule is None or result.outcome not in (Settled.REPLACED, Settled.CHARGED):
+                continue
+            labels = budget_labels(rule)
+            self.budget_metrics.used.labels(*labels).inc(settlement.used)
+            reserved = result.reserved if result.outcome is Settled.REPLACED else None
+            if reserved is not None:
+                self.budget_metrics.returned.labels(*labels).inc(max(0, reserved - settlement.used))
+            self.ledger.settled(rule, _caller_of(settlement.entries), settlement.used, reserved)
+
+    async def _release(self, domain: str, checks: list[Check], decisions: list[Decision]) -> None:
+        """Undo the reservations of a refused request: it will use nothing."""
+        made = [(c, d) for c, d in zip(checks, decisions, strict=True) if d.reservation]
+        if not made:
+            return
+        await self.counters.settle(
+            domain, [Settlement(c.entries, c.rule, d.reservation, used=0) for c, d in made]
+        )
+
+    def _account(self, checks: list[Check], decisions: list[Decision], *, refused: bool) -> None:
+        for check, decision in zip(checks, decisions, strict=True):
+            rule = check.rule
+            if not check.reserve or rule is None:
+                continue
+            labels = budget_labels(rule)
+            caller = _caller_of(check.entries)
+            if decision.reservation and not refused:
+                self.budget_metrics.reserved.labels(*labels).inc(check.hits)
+                self.ledger.reserved(rule, caller, check.hits, decision.count)
+            elif refused and decision.result is Result.OVER_LIMIT:
+                self.budget_metrics.refused.labels(*labels).inc()
+                self.ledger.refused(rule, caller, decision.count)
+
+
+#: The status of a settlement: Envoy does not read the answer to a stream-done call.
+_SETTLED = Decision(Result.OK)
+
+#: Hits one descriptor may carry: a limit is a uint32, so more never fits anyway, and
+#: Redis counters stay far from overflowing.
+MAX_HITS = 2**32
+
+
+def _caller_of(entries: tuple[Entry, ...]) -> str:
+    return next((value for key, value in entries if key == CALLER_KEY), "")
+
+
+def _answer_tokens(response: Any, checks: list[Check], counted: list[Decision], over: bool) -> None:
+    """What Envoy reads of an answer for token budgets: the reservation's id, or why the
+    request was refused (its local reply names the reason), and for a token refusal an
+    OpenAI-style error body. ``counted`` are the decisions on ``checks``."""
+    metadata: dict[str, str] = {}
+    if over:
+        refused = [
+            (c, d)
+            for c, d in zip(checks, counted, strict=True)
+            if c.reserve and d.result is Result.OVER_LIMIT
+        ]
+        reason = Refusal.TOKEN_BUDGET if refused else Refusal.GLOBAL_RATE_LIMIT
+        metadata[REFUSED_METADATA_KEY] = str(reason)
+        if refused and not refused[0][1].backend_error:
+            check, decision = refused[0]
+            response.raw_body = _token_refusal_body(check, decision)
+            response.response_headers_to_add.append(
+                base_pb2.HeaderValue(key="content-type", value="application/json")
+            )
+    else:
+        reservation = next((d.reservation for d in counted if d.reservation), None)
+        if reservation is not None:
+            metadata[RESERVATION_METADATA_KEY] = reservation
+    if metadata:
+        response.dynamic_metadata.update(metadata)
+
+
+def _token_refusal_body(check: Check, decision: Decision) -> bytes:
+    assert decision.rule is not None
+    limit = decision.rule.limit
+    message = (
+        f"token budget {limit.name} ({limit.requests_per_unit} tokens a {limit.unit}) for "
+        f"{_caller_of(check.entries)}: this request reserves {check.hits} tokens (its prompt"
+        f" and max_tokens) and {decision.remaining} remain; the window resets in "
+        f"{math.ceil(decision.reset_after_s)}s"
+    )
+    if check.hits > limit.requests_per_unit:
+        message += "; the request is larger than the whole budget: lower its max_tokens"
+    error = {"message": message, "type": "token_budget_exceeded", "code": "token_budget"}
+    return json.dumps({"error": error}).encode()
 
 
 def _duration(seconds: float) -> Any:
