@@ -709,6 +709,13 @@ class _Sim:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._engine(), name=f"gpu-sim-{self.cfg.name}")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "simulated pod %s: the engine stopped", self.cfg.name, exc_info=task.exception()
+            )
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -46,7 +46,7 @@ import yaml
 
 from bench.envoy import Envoy, envoy_binary, running_envoy
 from bench.gpu_sim import SERVED_BY_HEADER, SimConfig, SimStats
-from bench.load import LoadResult, LoadSpec, percentile, run_load
+from bench.load import LengthDist, LoadResult, LoadSpec, percentile, run_load
 from bench.topology import (
     NAMESPACE,
     SERVICE,
@@ -71,6 +71,8 @@ NOISY_LAG_MS: Final = 10.0
 NOISY_STALL_MS: Final = 100.0
 #: A run whose pods' steps started late for more than this share of the run is flagged.
 NOISY_POD_LATE: Final = 0.02
+#: Outputs of the warm-up's requests: short, so that it ends soon after its arrivals.
+WARM_UP_OUTPUT: Final = LengthDist(median=4, sigma=0.0, low=4, high=4)
 #: How often the loop-lag probe wakes, in seconds.
 LAG_PROBE_S: Final = 0.01
 
@@ -528,7 +530,9 @@ class Testbed:
     async def warm_up(self, spec: LoadSpec, entries: Sequence[Entry] = tuple(Entry)) -> None:
         """A few seconds through each entry at a light rate, thrown away: the first run
         after start-up would otherwise pay for new connections and first-time code."""
-        light = dataclasses.replace(spec, rate_rps=spec.rate_rps / 4, duration_s=2.0)
+        light = dataclasses.replace(
+            spec, rate_rps=spec.rate_rps / 4, duration_s=2.0, output_lengths=WARM_UP_OUTPUT
+        )
         for entry in entries:
             scenario = next(s for s in SCENARIOS if s.entry is entry and s.only is None)
             await self.run(scenario, light, progress=False)
