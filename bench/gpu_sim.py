@@ -615,7 +615,8 @@ class _Occupancy:
         self.now[cls] -= 1
 
     def reset(self) -> None:
-        self.peak = CountMap({c: n for c, n in self.now.items() if n})
+        self.now = CountMap({c: n for c, n in self.now.items() if n})
+        self.peak = CountMap(self.now)
         self.peak_running = CountMap()
 
 
@@ -826,10 +827,10 @@ class _Sim:
                 self._counts["aborted"] += 1
 
     def _class_of(self, request: web.Request) -> str:
-        cls = request.headers.get(PRIORITY_HEADER, "").strip().lower() or NO_CLASS
+        cls = request.headers.get(PRIORITY_HEADER, "").strip().lower()[:32] or NO_CLASS
         if cls not in self._by_priority and len(self._by_priority) >= MAX_CLASSES:
             return "other"
-        return cls[:32]
+        return cls
 
     async def _whole(
         self, request: web.Request, req: CompletionRequest, seq: Seq, updated: asyncio.Event
