@@ -275,7 +275,7 @@ def _plot(result: SweepResult) -> Path:
     return plot_panels(
         {
             f"critical TTFT p99 (ms; a failure counts as {failure})": ttft,
-            "goodput (% of the GPU pool's capacity)": goodput,
+            "goodput (% of what the GPU pool sustains with these requests)": goodput,
         },
         result.options.out_dir / "priority-sweep.png",
         title=f"Priority under load (1x = {result.capacity.requests_per_s:.1f} requests/s)",

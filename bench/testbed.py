@@ -73,6 +73,9 @@ NOISY_STALL_MS: Final = 100.0
 NOISY_POD_LATE: Final = 0.02
 #: Outputs of the warm-up's requests: short, so that it ends soon after its arrivals.
 WARM_UP_OUTPUT: Final = LengthDist(median=4, sigma=0.0, low=4, high=4)
+#: How long a start waits for the pods' addresses to be free (a run just before may
+#: still be closing), in seconds.
+ADDRESS_GRACE_S: Final = 10.0
 #: How often the loop-lag probe wakes, in seconds.
 LAG_PROBE_S: Final = 0.01
 
@@ -200,8 +203,14 @@ class PodHost:
         self.urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
 
+    def _busy(self) -> list[str]:
+        return [f"{c.host}:{c.port}" for c in self.configs if c.port and in_use(c.host, c.port)]
+
     async def start(self, timeout_s: float = 30.0) -> PodHost:
-        busy = [f"{c.host}:{c.port}" for c in self.configs if c.port and in_use(c.host, c.port)]
+        # A run that just ended may still be closing its sockets: give it a few seconds.
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: _none(self._busy()), timeout=ADDRESS_GRACE_S, interval=0.2)
+        busy = self._busy()
         if busy:
             raise TestbedError(
                 f"address in use: {', '.join(busy)}. Another demo, benchmark or test is serving"
@@ -269,6 +278,10 @@ class PodHost:
         async with self._session.request(method, url) as resp:
             resp.raise_for_status()
             return SimStats.from_json(await resp.json())
+
+
+async def _none(items: Sequence[object]) -> bool:
+    return not items
 
 
 def _tail(path: Path, lines: int = 15) -> str:

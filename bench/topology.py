@@ -66,7 +66,7 @@ PODS: Final = (
 )
 
 #: The callers, their shares of the total rate and their mixes. Together: about 21 %
-#: critical, 33 % standard and 46 % sheddable.
+#: critical, 32 % standard and 47 % sheddable.
 CALLERS: Final = (
     CallerPod(
         Caller("chat-frontend", 0.20, {"critical": 0.6, "standard": 0.4}),
