@@ -1,6 +1,6 @@
 """The benchmark mesh, running: simulated pods, the control plane, real Envoys, baselines.
 
-:func:`testbed` starts, for one :class:`~bench.topology.Knobs` setting:
+:func:`running_testbed` starts, for one :class:`~bench.topology.Knobs` setting:
 
 - the pods of :mod:`bench.topology` in a child process (``python -m bench.gpu_sim
   --pods``), so that their engine loops get a core of their own; they are read and reset
@@ -490,7 +490,7 @@ class TestbedOptions:
 
 
 class Testbed:
-    """The running mesh. Made by :func:`testbed`."""
+    """The running mesh. Made by :func:`running_testbed`."""
 
     __test__ = False  # not a pytest test class, despite the name
 
