@@ -58,7 +58,7 @@ from google.protobuf import json_format
 
 from bench.envoy import Envoy, EnvoyMissing, running_envoy
 from bench.load import percentile
-from bench.priority import SEED, BenchOptions, Hook, make_point, measure
+from bench.priority import SEED, BenchOptions, Hook, loads_arg, make_point, measure
 from bench.report import Capacity, Point, format_point, pool_capacity, ratio, sheddable_cap
 from bench.testbed import (
     CRITICAL_ONLY,
@@ -67,14 +67,14 @@ from bench.testbed import (
     Scenario,
     Testbed,
     TestbedError,
+    running_control_plane,
     sidecar_metadata,
 )
 from bench.topology import Knobs, Topology, write_documents
 from bench.wait import eventually
-from mesh.manifests import ManifestSource
 from mesh.model import PRIORITY_HEADER, Priority
 from ratelimit.adaptive import AdaptiveSettings
-from xds_server.app import ControlPlane, ServeSettings
+from xds_server.app import ControlPlane
 from xds_server.rls.runtime import RateLimitSettings
 
 log = logging.getLogger(__name__)
@@ -476,20 +476,8 @@ async def measure_rls(
     try:
         async with _echo_backend() as port, _redis_url(backend) as redis_url:
             write_documents(manifest, _echo_documents(port, global_limit=False))
-            settings = ServeSettings(
-                manifests=manifest,
-                host="127.0.0.1",
-                xds_port=0,
-                admin_port=0,
-                shutdown_grace=0.2,
-                ratelimit=RateLimitSettings(rls_port=0, redis_url=redis_url, rls_timeout_s=0.5),
-            )
-            plane = ControlPlane(settings, ManifestSource(manifest, poll_interval=0.1))
-            task = asyncio.create_task(plane.run(), name="rls-bench-control-plane")
-            try:
-                await eventually(
-                    lambda: _started(plane, task), timeout=30, what="the control plane"
-                )
+            ratelimit = RateLimitSettings(rls_port=0, redis_url=redis_url, rls_timeout_s=0.5)
+            async with running_control_plane(manifest, 30.0, ratelimit) as plane:
                 meta = sidecar_metadata(RLS_CLIENT_IP, "bench")
                 outbound = int(meta["INFERLANE_OUTBOUND_PORT"])
                 node_id = f"sidecar~{RLS_CLIENT_IP}~rls-client-0.default~default.svc.cluster.local"
@@ -511,23 +499,12 @@ async def measure_rls(
                         before = _rls_calls(plane)
                         with_filter.append(await drive_in_child(url, seconds, n))
                         decided.append(_rls_calls(plane) - before)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return [
         RlsOverhead(backend, n, off, on, calls / on.seconds)
         for n, off, on, calls in zip(concurrency, without, with_filter, decided, strict=True)
     ]
-
-
-async def _started(plane: ControlPlane, task: asyncio.Task[None]) -> bool:
-    if task.done():
-        task.result()
-        raise TestbedError("the control plane stopped")
-    return plane.started.is_set() and plane.world is not None
 
 
 async def _status_ok(url: str) -> bool:
@@ -637,23 +614,13 @@ def format_report(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers, e.g. 0.5,1.5,2") from None
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
-    return values
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.adaptive",
         description="Critical TTFT with adaptive and static rate limits against a Kubernetes "
         "Service, and the global rate-limit service's cost with Envoy as its client.",
     )
-    parser.add_argument("--loads", type=_floats, default=DEFAULT_LOADS, help="e.g. 0.5,1.5,2")
+    parser.add_argument("--loads", type=loads_arg, default=DEFAULT_LOADS, help="e.g. 0.5,1.5,2")
     parser.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals a run")
     parser.add_argument("--warmup", type=float, default=5.0, help="of them, seconds not counted")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, pooled")

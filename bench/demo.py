@@ -30,7 +30,7 @@ from types import MappingProxyType
 
 from bench.envoy import EnvoyMissing
 from bench.plot import Outcome, plot_outcomes
-from bench.priority import SEED, BenchOptions, add_knob_flags, knobs_from
+from bench.priority import SEED, BenchOptions, add_knob_flags, knobs_from, make_point
 from bench.report import Capacity, Point, format_point, pool_capacity, sheddable_cap
 from bench.testbed import (
     INFERLANE,
@@ -94,7 +94,6 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
     bench = opts.bench()
     capacity = pool_capacity(opts.topology, opts.knobs, opts.seed)
     spec = bench.spec(capacity, opts.load)
-    gpu = tuple(p.name for p in opts.topology.gpu_pods)
     points: dict[str, Point] = {}
     async with running_testbed(TestbedOptions(topology=opts.topology, knobs=opts.knobs)) as bed:
         pids = bed.pids
@@ -106,9 +105,7 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
                     file=sys.stderr,
                 )
             run = await bed.run(scenario, spec, progress=opts.progress)
-            points[scenario.name] = Point(
-                scenario.name, opts.load, (run,), opts.warmup_s, capacity, gpu
-            )
+            points[scenario.name] = make_point(bench, capacity, scenario.name, opts.load, [run])
     plot = plot_outcomes(
         {name: outcome(p) for name, p in points.items()},
         opts.out_dir / "demo.png",

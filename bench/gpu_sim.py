@@ -634,7 +634,8 @@ class _Occupancy:
         self.now[cls] -= 1
 
     def reset(self) -> None:
-        self.peak = CountMap({c: n for c, n in self.now.items() if n})
+        self.now = CountMap({c: n for c, n in self.now.items() if n})
+        self.peak = CountMap(self.now)
         self.peak_running = CountMap()
 
 
@@ -728,6 +729,13 @@ class _Sim:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._engine(), name=f"gpu-sim-{self.cfg.name}")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "simulated pod %s: the engine stopped", self.cfg.name, exc_info=task.exception()
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -838,10 +846,10 @@ class _Sim:
                 self._counts["aborted"] += 1
 
     def _class_of(self, request: web.Request) -> str:
-        cls = request.headers.get(PRIORITY_HEADER, "").strip().lower() or NO_CLASS
+        cls = request.headers.get(PRIORITY_HEADER, "").strip().lower()[:32] or NO_CLASS
         if cls not in self._by_priority and len(self._by_priority) >= MAX_CLASSES:
             return "other"
-        return cls[:32]
+        return cls
 
     async def _whole(
         self, request: web.Request, req: CompletionRequest, seq: Seq, updated: asyncio.Event

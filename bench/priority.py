@@ -52,6 +52,7 @@ from bench.report import (
     pool_capacity,
     ratio,
     sheddable_cap,
+    workload_capacity,
 )
 from bench.testbed import (
     CRITICAL_ONLY,
@@ -176,10 +177,20 @@ class SweepResult:
 
 
 def make_point(
-    opts: BenchOptions, capacity: Capacity, scenario: str, load: float, runs: Sequence[RunResult]
+    opts: BenchOptions,
+    capacity: Capacity,
+    scenario: str,
+    load: float,
+    runs: Sequence[RunResult],
+    *,
+    reference: Knobs | None = None,
 ) -> Point:
+    """A point of ``runs``; its goodput judged against the pool with ``reference`` knobs
+    (``opts.knobs`` by default) saturated with each run's own requests."""
     gpu = tuple(p.name for p in opts.topology.gpu_pods)
-    return Point(scenario, load, tuple(runs), opts.warmup_s, capacity, gpu)
+    knobs = reference or opts.knobs
+    refs = tuple(workload_capacity(opts.topology, knobs, run.load.spec) for run in runs)
+    return Point(scenario, load, tuple(runs), opts.warmup_s, capacity, gpu, refs)
 
 
 #: Called before each run (e.g. to reset a controller) and after it (to read one).
@@ -237,7 +248,8 @@ async def run_sweep(opts: BenchOptions) -> SweepResult:
         got = await measure(sub, capacity, pair, opts.tradeoff_loads)
         for load in opts.tradeoff_loads:
             mine, floor = (
-                make_point(sub, capacity, s.name, load, got[(s.name, load)]) for s in pair
+                make_point(sub, capacity, s.name, load, got[(s.name, load)], reference=opts.knobs)
+                for s in pair
             )
             rows.append(TradeoffRow(knobs, load, mine, floor))
     result = SweepResult(opts, capacity, MappingProxyType(points), tuple(rows))
@@ -263,7 +275,7 @@ def _plot(result: SweepResult) -> Path:
     return plot_panels(
         {
             f"critical TTFT p99 (ms; a failure counts as {failure})": ttft,
-            "goodput (% of the GPU pool's capacity)": goodput,
+            "goodput (% of what the GPU pool sustains with these requests)": goodput,
         },
         result.options.out_dir / "priority-sweep.png",
         title=f"Priority under load (1x = {result.capacity.requests_per_s:.1f} requests/s)",
@@ -439,7 +451,7 @@ def parse_loads(text: str) -> tuple[float, ...] | str:
     return tuple(sorted(set(loads)))
 
 
-def _loads_arg(text: str) -> tuple[float, ...]:
+def loads_arg(text: str) -> tuple[float, ...]:
     parsed = parse_loads(text)
     if isinstance(parsed, str):
         raise argparse.ArgumentTypeError(parsed)
@@ -471,6 +483,11 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slowdown", type=float, default=base.slowdown, help="the GPU model run N times slower"
     )
+    parser.add_argument(
+        "--orca-on-streams",
+        action="store_true",
+        help="pods send ORCA load reports on streamed responses too (vLLM does not)",
+    )
 
 
 def knobs_from(args: argparse.Namespace) -> Knobs:
@@ -483,6 +500,7 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
         body_priority=args.body_priority,
         max_num_seqs=args.max_num_seqs,
         slowdown=args.slowdown,
+        orca_on_streams=args.orca_on_streams,
     )
 
 
@@ -492,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Critical TTFT and GPU goodput under rising load: inferlane against a"
         " Kubernetes Service, LEAST_REQUEST and the critical-only limit.",
     )
-    parser.add_argument("--loads", type=_loads_arg, default=DEFAULT_LOADS, help="e.g. 0.5,1,2,3")
+    parser.add_argument("--loads", type=loads_arg, default=DEFAULT_LOADS, help="e.g. 0.5,1,2,3")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals a run")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds not counted a run")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, pooled")
@@ -503,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_knob_flags(parser)
     parser.add_argument("--tradeoff", action="store_true", help="also sweep the knobs")
-    parser.add_argument("--tradeoff-loads", type=_loads_arg, default=GOAL_LOADS)
+    parser.add_argument("--tradeoff-loads", type=loads_arg, default=GOAL_LOADS)
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds a request")
     parser.add_argument("--ttft-deadline", type=float, default=10.0, help="seconds, first token")
     parser.add_argument("--seed", type=int, default=SEED)

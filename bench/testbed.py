@@ -1,6 +1,6 @@
 """The benchmark mesh, running: simulated pods, the control plane, real Envoys, baselines.
 
-:func:`testbed` starts, for one :class:`~bench.topology.Knobs` setting:
+:func:`running_testbed` starts, for one :class:`~bench.topology.Knobs` setting:
 
 - the pods of :mod:`bench.topology` in a child process (``python -m bench.gpu_sim
   --pods``), so that their engine loops get a core of their own; they are read and reset
@@ -46,7 +46,7 @@ import yaml
 
 from bench.envoy import Envoy, envoy_binary, running_envoy
 from bench.gpu_sim import SERVED_BY_HEADER, SimConfig, SimStats
-from bench.load import LoadResult, LoadSpec, percentile, run_load
+from bench.load import LengthDist, LoadResult, LoadSpec, percentile, run_load
 from bench.topology import (
     NAMESPACE,
     SERVICE,
@@ -71,6 +71,11 @@ NOISY_LAG_MS: Final = 10.0
 NOISY_STALL_MS: Final = 100.0
 #: A run whose pods' steps started late for more than this share of the run is flagged.
 NOISY_POD_LATE: Final = 0.02
+#: Outputs of the warm-up's requests: short, so that it ends soon after its arrivals.
+WARM_UP_OUTPUT: Final = LengthDist(median=4, sigma=0.0, low=4, high=4)
+#: How long a start waits for the pods' addresses to be free (a run just before may
+#: still be closing), in seconds.
+ADDRESS_GRACE_S: Final = 10.0
 #: How often the loop-lag probe wakes, in seconds.
 LAG_PROBE_S: Final = 0.01
 
@@ -198,8 +203,14 @@ class PodHost:
         self.urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
 
+    def _busy(self) -> list[str]:
+        return [f"{c.host}:{c.port}" for c in self.configs if c.port and in_use(c.host, c.port)]
+
     async def start(self, timeout_s: float = 30.0) -> PodHost:
-        busy = [f"{c.host}:{c.port}" for c in self.configs if c.port and in_use(c.host, c.port)]
+        # A run that just ended may still be closing its sockets: give it a few seconds.
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: _none(self._busy()), timeout=ADDRESS_GRACE_S, interval=0.2)
+        busy = self._busy()
         if busy:
             raise TestbedError(
                 f"address in use: {', '.join(busy)}. Another demo, benchmark or test is serving"
@@ -267,6 +278,10 @@ class PodHost:
         async with self._session.request(method, url) as resp:
             resp.raise_for_status()
             return SimStats.from_json(await resp.json())
+
+
+async def _none(items: Sequence[object]) -> bool:
+    return not items
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -485,7 +500,7 @@ class TestbedOptions:
 
 
 class Testbed:
-    """The running mesh. Made by :func:`testbed`."""
+    """The running mesh. Made by :func:`running_testbed`."""
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -538,7 +553,9 @@ class Testbed:
     async def warm_up(self, spec: LoadSpec, entries: Sequence[Entry] = tuple(Entry)) -> None:
         """A few seconds through each entry at a light rate, thrown away: the first run
         after start-up would otherwise pay for new connections and first-time code."""
-        light = dataclasses.replace(spec, rate_rps=spec.rate_rps / 4, duration_s=2.0)
+        light = dataclasses.replace(
+            spec, rate_rps=spec.rate_rps / 4, duration_s=2.0, output_lengths=WARM_UP_OUTPUT
+        )
         for entry in entries:
             scenario = next(s for s in SCENARIOS if s.entry is entry and s.only is None)
             await self.run(scenario, light, progress=False)

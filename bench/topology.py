@@ -66,7 +66,7 @@ PODS: Final = (
 )
 
 #: The callers, their shares of the total rate and their mixes. Together: about 21 %
-#: critical, 33 % standard and 46 % sheddable.
+#: critical, 32 % standard and 47 % sheddable.
 CALLERS: Final = (
     CallerPod(
         Caller("chat-frontend", 0.20, {"critical": 0.6, "standard": 0.4}),
@@ -119,6 +119,9 @@ class Knobs:
     #: Every pod's steps take this many times longer than on the calibrated GPU, so that
     #: this machine's cores keep up with the token stream (all times scale with it).
     slowdown: float = 2.0
+    #: Pods send ORCA load reports on streamed responses too (vLLM sends them on whole
+    #: responses only), to evaluate load-aware balancing on a streaming workload.
+    orca_on_streams: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduling_policy", Policy(self.scheduling_policy))
@@ -140,6 +143,8 @@ class Knobs:
         if self.body_priority:
             parts[-1] += " (class as priority)"
         parts.append(f"max-num-seqs {self.max_num_seqs}")
+        if self.orca_on_streams:
+            parts.append("ORCA on streams")
         return ", ".join(parts)
 
 
@@ -162,6 +167,7 @@ class Topology:
             common: dict[str, Any] = {
                 "scheduling_policy": knobs.scheduling_policy,
                 "slowdown": knobs.slowdown * pod.slowdown,
+                "orca_on_streams": knobs.orca_on_streams,
             }
             if pod.gpu:
                 out.append(

@@ -533,6 +533,23 @@ async def test_occupancy_per_class_is_read_from_the_pod_and_reset() -> None:
         assert after.peak_in_flight == {} and after.served == 0 and after.since > stats.since
 
 
+async def test_a_client_inventing_classes_cannot_grow_the_counters() -> None:
+    from bench.gpu_sim import MAX_CLASSES
+
+    async with await start_sim(SimConfig(cost=StepCost.flat(0.0))) as sim:
+        async with aiohttp.ClientSession() as session:
+            for i in range(MAX_CLASSES + 10):
+                headers = {"x-inference-priority": f"class-{i}-" + "x" * 100}
+                body = {"prompt": "x", "max_tokens": 1}
+                async with session.post(
+                    sim.url + "/v1/completions", json=body, headers=headers
+                ) as resp:
+                    assert resp.status == 200
+        counted = sim.stats().by_priority
+        assert len(counted) == MAX_CLASSES + 1 and counted["other"] == 10
+        assert max(len(c) for c in counted) <= 32
+
+
 async def test_a_client_that_leaves_aborts_its_request() -> None:
     cfg = SimConfig(max_num_seqs=1, cost=StepCost.flat(20.0))
     async with await start_sim(cfg) as sim, aiohttp.ClientSession() as session:

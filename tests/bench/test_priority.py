@@ -26,7 +26,14 @@ from bench.priority import (
     main,
     parse_loads,
 )
-from bench.report import Capacity, Point, pool_capacity, ratio, sheddable_cap
+from bench.report import (
+    Capacity,
+    Point,
+    pool_capacity,
+    ratio,
+    sheddable_cap,
+    workload_capacity,
+)
 from bench.testbed import (
     CRITICAL_ONLY,
     INFERLANE,
@@ -85,8 +92,12 @@ def test_callers_differ_and_every_class_is_sent() -> None:
 
 
 def test_sim_configs_follow_the_knobs() -> None:
-    knobs = Knobs(scheduling_policy=Policy.PRIORITY, max_num_seqs=16, slowdown=3.0)
+    knobs = Knobs(
+        scheduling_policy=Policy.PRIORITY, max_num_seqs=16, slowdown=3.0, orca_on_streams=True
+    )
     configs = {c.name: c for c in Topology().sim_configs(knobs)}
+    assert all(c.orca_on_streams for c in configs.values())
+    assert "ORCA on streams" in knobs.label()
     assert configs["llama-gpu-0"].max_num_seqs == 16
     assert configs["llama-gpu-0"].slowdown == 3.0
     assert configs["llama-gpu-3"].slowdown == 4.5  # the slower GPU
@@ -169,6 +180,13 @@ def test_capacity_is_computed_from_the_model_and_deterministic() -> None:
     # A request's worth of tokens: requests/s x mean output length = tokens/s.
     mean_out = topo.output_lengths.mean()
     assert cap.requests_per_s * mean_out == pytest.approx(cap.tokens_per_s, rel=0.1)
+    # A run's own requests: what the pool sustains with exactly them, a little off 1x.
+    spec = BenchOptions().spec(cap, 2.0)
+    own = workload_capacity(topo, knobs, spec)
+    assert own == workload_capacity(topo, knobs, dataclasses.replace(spec, only=frozenset()))
+    assert own == pytest.approx(cap.tokens_per_s, rel=0.1) and own != cap.tokens_per_s
+    point = dataclasses.replace(_point(_run("x", [_rec("critical", 3.0)])), references=(50.0,))
+    assert point.reference_tokens_per_s == 50.0
     assert sheddable_cap(Knobs(max_concurrency=32)) == 16
     assert sheddable_cap(Knobs(max_concurrency=None)) is None
 
@@ -320,7 +338,7 @@ def test_the_report_prints_every_load_scenario_class_and_the_tradeoff() -> None:
     assert "peak sheddable per pod: gpu-0=3, gpu-1=0 (cap 16)" in text
     row_line = next(line for line in text.splitlines() if line.startswith("max-concurrency 8,"))
     assert row_line.split()[-7:] == ["2x", "99%", "105", "ms", "100", "ms", "1.05x"]
-    assert "goodput 99 tok/s (99% of capacity)" in text
+    assert "goodput 99 tok/s (99% of the 100 the pool sustains with these requests)" in text
 
 
 def test_demo_outcome_keeps_failures_per_class() -> None:

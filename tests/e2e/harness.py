@@ -1,9 +1,10 @@
 """Shared pieces of the end-to-end tests: manifests on disk, a control plane, sidecars.
 
 Each test module uses loopback addresses of its own (``127.0.3N.x``) as pod IPs, so
-modules never clash with each other or with the demo (127.0.0.11-22). Backends listen on
-an ephemeral port of their pod IP; the manifests name that port as the Pod's container
-port ``http``, and the Service's ``targetPort`` is the name, as it is for a Deployment.
+modules never clash with each other or with the benchmark mesh (127.0.10.x to 127.0.12.x).
+Backends listen on an ephemeral port of their pod IP; the manifests name that port as the
+Pod's container port ``http``, and the Service's ``targetPort`` is the name, as it is for a
+Deployment.
 """
 
 from __future__ import annotations
