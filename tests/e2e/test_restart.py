@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import bench.envoy
 from mtls.ca import DEFAULT_WORKLOAD_TTL, utcnow
+from mtls.epoch import EPOCH_FILE
 from mtls.identity import DEFAULT_TRUST_DOMAIN
 from mtls.rotation import renewal_period
 from tests.e2e.harness import (
@@ -286,6 +288,55 @@ async def test_restart_sends_nothing_and_drops_nothing(
         assert {t: sent.get(t, 0) for t in TYPES} == dict.fromkeys(TYPES, 0)
         # Envoy's side: it accepted no secret from the second control plane.
         assert await secret_updates(envoy) == sds_updates
+
+
+async def test_a_rotation_outlives_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kill -USR1`` gives the sidecar a new key. The key epoch is kept in ``--ca-dir``, so
+    the control plane restarted after it derives the new key, not the one it replaced (a
+    suspected compromise is never undone by a restart), and sends nothing."""
+    require_envoy()
+    assert_mid_period()
+    monkeypatch.setattr(bench.envoy, "bootstrap_yaml", fast_reconnect_bootstrap)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    client_ip = "127.0.38.12"
+    async with echo_server("gpu-0", host=GPU0) as gpu0, contextlib.AsyncExitStack() as stack:
+        write_manifests(
+            manifests / "llama.yaml",
+            [
+                inference_service("llama"),
+                model_pod("gpu-0", app="llama", ip=GPU0, port=gpu0.port, gpu=True),
+                *with_secrets(client_ip, EMBED0),
+            ],
+        )
+        session = await stack.enter_async_context(http_session())
+        first, envoy, client, node_id = await served_sidecar(
+            stack, session, manifests, tmp_path, client_ip, delta=False
+        )
+        await client.wait_served_by(LLAMA, ["gpu-0"])
+        original = (await envoy_versions(envoy))[("secret", "default")]
+
+        first.proc.send_signal(signal.SIGUSR1)
+
+        async def rotated() -> bool:
+            held = (await envoy_versions(envoy)).get(("secret", "default"))
+            return held not in (None, original)
+
+        await eventually(rotated, timeout=20, what="the sidecar holding its new certificate")
+        assert (tmp_path / "ca" / EPOCH_FILE).read_text() == "1\n"
+        before, updates = await envoy_versions(envoy), await secret_updates(envoy)
+
+        first.proc.kill()
+        await first.proc.wait()
+        second = await stack.enter_async_context(serving(manifests, first.ports["xds"], tmp_path))
+        await _wait_reconnected(session, second, node_id)
+        await client.wait_served_by(LLAMA, ["gpu-0"])
+        assert await envoy_versions(envoy) == before
+        assert await secret_updates(envoy) == updates
+        sent = await second.samples(session, "inferlane_xds_resources_sent_total")
+        assert sent.get("SDS", 0) == 0
 
 
 async def secret_updates(envoy: Envoy) -> dict[str, int]:
