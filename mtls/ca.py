@@ -571,16 +571,7 @@ class CertificateAuthority:
         identity is the SPIFFE URI SAN. The control plane serves :meth:`derive_workload`'s
         certificates instead; this is for tools and tests that need a new one."""
         identity = spiffe_id(trust_domain, namespace, service_account)
-        now = self._clock()
-        return self._issue(
-            _workload_san(identity),
-            _WORKLOAD_USAGES,
-            identity,
-            key=ec.generate_private_key(ec.SECP256R1()),
-            serial=x509.random_serial_number(),
-            not_before=now - CLOCK_SKEW,
-            not_after=now + self._positive(ttl),
-        )
+        return self._issue_fresh(_workload_san(identity), _WORKLOAD_USAGES, identity, ttl)
 
     def derive_workload(
         self,
@@ -602,7 +593,7 @@ class CertificateAuthority:
         an RSA CA's, is by nature). A new ``epoch`` gives new keys for the same periods.
         """
         identity = spiffe_id(trust_domain, namespace, service_account)
-        ttl = self._positive(ttl)
+        _check_lifetime(ttl)
         if epoch < 0:
             raise MtlsError(f"key epoch must not be negative, not {epoch}")
         info = b"\0".join(
@@ -644,22 +635,28 @@ class CertificateAuthority:
                 names.append(x509.IPAddress(ipaddress.ip_address(entry)))
             except ValueError:
                 names.append(x509.DNSName(entry))
+        san = x509.SubjectAlternativeName(names)
+        return self._issue_fresh(san, [ExtendedKeyUsageOID.SERVER_AUTH], "", ttl)
+
+    def _issue_fresh(
+        self,
+        san: x509.SubjectAlternativeName,
+        usages: list[x509.ObjectIdentifier],
+        identity: str,
+        ttl: timedelta,
+    ) -> IssuedCert:
+        """A random key and serial, valid from now for ``ttl``."""
+        _check_lifetime(ttl)
         now = self._clock()
         return self._issue(
-            x509.SubjectAlternativeName(names),
-            [ExtendedKeyUsageOID.SERVER_AUTH],
-            "",
+            san,
+            usages,
+            identity,
             key=ec.generate_private_key(ec.SECP256R1()),
             serial=x509.random_serial_number(),
             not_before=now - CLOCK_SKEW,
-            not_after=now + self._positive(ttl),
+            not_after=now + ttl,
         )
-
-    @staticmethod
-    def _positive(ttl: timedelta) -> timedelta:
-        if ttl <= timedelta(0):
-            raise MtlsError(f"certificate lifetime must be positive, not {ttl}")
-        return ttl
 
     def _issue(
         self,
@@ -791,6 +788,11 @@ _LEAF_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
 )
 
 _WORKLOAD_USAGES = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _check_lifetime(ttl: timedelta) -> None:
+    if ttl <= timedelta(0):
+        raise MtlsError(f"certificate lifetime must be positive, not {ttl}")
 
 
 def _workload_san(identity: str) -> x509.SubjectAlternativeName:

@@ -87,6 +87,7 @@ class SecretStore:
         self.on_change: Callable[[], None] = lambda: None
         self.issued = 0
         self.renewed = 0
+        self._epoch_unreadable = False
 
     @property
     def trust_bundle_pem(self) -> bytes:
@@ -223,8 +224,12 @@ class SecretStore:
         try:
             stored = await self.epochs.read()
         except EpochError as exc:
-            log.warning("%s; keeping key epoch %d", exc, self.epoch)
+            # Once per outage, not every poll; the next poll tries again.
+            level = logging.DEBUG if self._epoch_unreadable else logging.WARNING
+            log.log(level, "%s; keeping key epoch %d", exc, self.epoch)
+            self._epoch_unreadable = True
             return 0
+        self._epoch_unreadable = False
         if stored <= self.epoch:
             return 0
         log.warning(

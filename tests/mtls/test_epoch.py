@@ -201,8 +201,12 @@ async def test_rotating_when_the_epoch_cannot_be_stored_still_rotates_here(
         assert await store.rotate_all() == 1
     assert store.epoch == 4 and _wire(store, LLAMA) != before
     assert "is this process's alone" in caplog.text
-    # A failed poll changes nothing.
-    assert await store.follow_epoch() == 0 and store.epoch == 4
+    # A failed poll changes nothing, and says so once, not at every poll.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mtls.secrets"):
+        assert await store.follow_epoch() == 0 and await store.follow_epoch() == 0
+    assert store.epoch == 4
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 async def test_a_store_without_an_epoch_store_rotates_in_memory(ca: CertificateAuthority) -> None:
