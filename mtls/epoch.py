@@ -32,7 +32,7 @@ from kubernetes.aio.client import ApiException, V1ConfigMap, V1ObjectMeta
 
 from mtls.ca import LOCK_FILE, CaLoadError, MtlsError, fsync_dir, locked, write_atomic
 from mtls.publish import HTTP_CONFLICT, HTTP_NOT_FOUND, ConfigMapsApi
-from mtls.store import SECRET_LABELS, own_namespace, parse_secret_ref
+from mtls.store import SECRET_LABELS, ca_secret_ref
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +185,9 @@ def epoch_store(
     """Where the key epoch is kept for this CA (as :func:`mtls.store.load_ca` chooses the
     CA: ``--ca-secret``, else ``--ca-dir``); None for an in-memory CA."""
     if ca_secret:
-        ref = parse_secret_ref(ca_secret, own_namespace())
-        if isinstance(ref, str):
-            raise CaLoadError(f"--ca-secret: {ref}")
         if configmaps is None:
             raise CaLoadError("--ca-secret needs the Kubernetes API")
-        namespace, name = ref
+        namespace, name = ca_secret_ref(ca_secret)
         return ConfigMapEpoch(configmaps, namespace, name + CONFIGMAP_SUFFIX)
     if ca_dir is not None:
         return DirectoryEpoch(Path(ca_dir))

@@ -45,7 +45,7 @@ from mtls.epoch import CONFIGMAP_SUFFIX, epoch_store
 from mtls.publish import CONFIGMAP_NAME, RootCertPublisher
 from mtls.store import load_or_create_shared_ca
 from tests.chart.render import NAMESPACE, Obj, one, render
-from tests.mesh.fake_apiserver import FakeApiServer
+from tests.mesh.fake_apiserver import FakeApiServer, core_v1
 from tests.mesh.objects import endpoint_slice, node, pod, service, slice_endpoint
 from tests.mtls.fake_kube import FakeSecretsServer
 
@@ -201,18 +201,12 @@ async def record_ca_store(namespace: str, name: str) -> list[Call]:
 
 async def record_epoch_store(namespace: str, secret: str) -> list[Call]:
     """Run the key epoch's store for the CA Secret: it reads, creates, then updates."""
-    fake = FakeApiServer()
-    await fake.start()
-    api: Any = client.ApiClient(configuration=client.Configuration(host=fake.url))
-    try:
-        epochs = epoch_store(ca_secret=f"{namespace}/{secret}", configmaps=client.CoreV1Api(api))
+    async with core_v1() as (fake, api):
+        epochs = epoch_store(ca_secret=f"{namespace}/{secret}", configmaps=api)
         assert epochs is not None
         assert await epochs.read() == 0
         assert await epochs.advance(0) == 1
         assert await epochs.advance(1) == 2
-    finally:
-        await api.close()
-        await fake.stop()
     calls = [call_of(r.method, r.path, r.query) for r in fake.requests]
     return [c for c in calls if c is not None]
 

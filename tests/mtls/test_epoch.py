@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes.aio import client
 
 from bench.wait import eventually
 from mtls.ca import CertificateAuthority
@@ -29,7 +27,7 @@ from mtls.epoch import (
 )
 from mtls.identity import Identity
 from mtls.secrets import SecretStore
-from tests.mesh.fake_apiserver import FakeApiServer
+from tests.mesh.fake_apiserver import core_v1
 
 TD = "cluster.local"
 LLAMA, CHAT = Identity("default", "llama"), Identity("default", "chat")
@@ -38,18 +36,6 @@ LLAMA, CHAT = Identity("default", "llama"), Identity("default", "chat")
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.generate()
-
-
-@contextlib.asynccontextmanager
-async def configmaps() -> AsyncIterator[tuple[FakeApiServer, Any]]:
-    fake = FakeApiServer()
-    url = await fake.start()
-    api: Any = client.ApiClient(configuration=client.Configuration(host=url))
-    try:
-        yield fake, client.CoreV1Api(api)
-    finally:
-        await api.close()
-        await fake.stop()
 
 
 def _wire(store: SecretStore, identity: Identity) -> list[bytes]:
@@ -81,7 +67,7 @@ async def test_a_damaged_epoch_file_is_a_clear_error(tmp_path: Path, text: str) 
 
 
 async def test_configmap_epoch_is_created_then_replaced() -> None:
-    async with configmaps() as (fake, api):
+    async with core_v1() as (fake, api):
         epochs = ConfigMapEpoch(api, "inferlane", "inferlane-ca" + CONFIGMAP_SUFFIX)
         assert await epochs.read() == 0
         assert await epochs.advance(0) == 1
@@ -96,7 +82,7 @@ async def test_configmap_epoch_is_created_then_replaced() -> None:
 async def test_replicas_raising_the_epoch_together_raise_it_once() -> None:
     """Every replica signalled at once (kill -USR1 on each pod): the creates and updates
     race, the API server's preconditions settle them, and all agree on one epoch."""
-    async with configmaps() as (fake, api):
+    async with core_v1() as (fake, api):
         replicas = [ConfigMapEpoch(api, "inferlane", "ca-key-epoch") for _ in range(4)]
         assert await asyncio.gather(*(r.advance(0) for r in replicas)) == [1, 1, 1, 1]
         assert await asyncio.gather(*(r.advance(1) for r in replicas)) == [2, 2, 2, 2]
@@ -105,7 +91,7 @@ async def test_replicas_raising_the_epoch_together_raise_it_once() -> None:
 
 
 async def test_configmap_epoch_errors_are_epoch_errors() -> None:
-    async with configmaps() as (fake, api):
+    async with core_v1() as (fake, api):
         epochs = ConfigMapEpoch(api, "inferlane", "ca-key-epoch")
         fake.fail_next(1, status=403)
         with pytest.raises(EpochError, match="403"):
@@ -173,7 +159,7 @@ async def test_rotate_all_gives_new_keys_that_replicas_and_restarts_keep(
 async def test_a_running_replica_follows_within_the_poll_interval(
     ca: CertificateAuthority,
 ) -> None:
-    async with configmaps() as (_fake, api):
+    async with core_v1() as (_fake, api):
         a = await _replica(ca, ConfigMapEpoch(api, "inferlane", "ca-key-epoch"))
         b = await _replica(ca, ConfigMapEpoch(api, "inferlane", "ca-key-epoch"), epoch_poll_s=0.05)
         before = _wire(b, LLAMA)
