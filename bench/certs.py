@@ -58,12 +58,6 @@ class Row:
         return statistics.median(self.wall_rates)
 
 
-def measure(what: str, operation: Callable[[int], object], count: int, runs: int) -> Row:
-    """Run ``operation(i)`` ``count`` times per run, ``runs`` times."""
-    (row,) = side_by_side([(what, operation, count)], runs)
-    return row
-
-
 def side_by_side(
     operations: Sequence[tuple[str, Callable[[int], object], int]], runs: int
 ) -> list[Row]:

@@ -31,8 +31,8 @@ import aiohttp
 from kubernetes.aio.client import ApiException, V1ConfigMap, V1ObjectMeta
 
 from mtls.ca import LOCK_FILE, CaLoadError, MtlsError, fsync_dir, locked, write_atomic
-from mtls.publish import HTTP_CONFLICT, HTTP_NOT_FOUND, ConfigMapsApi
-from mtls.store import SECRET_LABELS, ca_secret_ref
+from mtls.publish import HTTP_CONFLICT, HTTP_FORBIDDEN, HTTP_NOT_FOUND, LABELS, ConfigMapsApi
+from mtls.store import ca_secret_ref
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class ConfigMapEpoch:
         except ApiException as exc:
             if exc.status == HTTP_NOT_FOUND:
                 return 0, None
-            raise EpochError(f"reading {self.where}: {exc.status} {exc.reason}") from None
+            raise self._api_error("reading", exc) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise EpochError(f"reading {self.where}: {exc}") from None
         epoch = parse_epoch((found.data or {}).get(EPOCH_KEY, "0"), self.where)
@@ -157,7 +157,7 @@ class ConfigMapEpoch:
             metadata=V1ObjectMeta(
                 name=self.name,
                 namespace=self.namespace,
-                labels=dict(SECRET_LABELS),
+                labels=dict(LABELS),
                 resource_version=version,
             ),
             data={EPOCH_KEY: str(epoch)},
@@ -170,10 +170,16 @@ class ConfigMapEpoch:
         except ApiException as exc:
             if exc.status == HTTP_CONFLICT:
                 return False
-            raise EpochError(f"writing {self.where}: {exc.status} {exc.reason}") from None
+            raise self._api_error("writing", exc) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise EpochError(f"writing {self.where}: {exc}") from None
         return True
+
+    def _api_error(self, doing: str, exc: ApiException) -> EpochError:
+        hint = ""
+        if exc.status == HTTP_FORBIDDEN:
+            hint = " (the control plane's Role must allow get and update of this ConfigMap)"
+        return EpochError(f"{doing} {self.where}: {exc.status} {exc.reason}{hint}")
 
 
 def epoch_store(

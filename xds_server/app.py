@@ -286,18 +286,11 @@ class ControlPlane:
 
         sec = self.settings.security
         api = await self._kubernetes_api(stack)
-        ca = await load_ca(
-            ca_secret=sec.ca_secret,
-            ca_dir=sec.ca_dir,
-            secrets_api=CoreV1Api(api) if api is not None else None,
-        )
+        core = CoreV1Api(api) if api is not None else None
+        ca = await load_ca(ca_secret=sec.ca_secret, ca_dir=sec.ca_dir, secrets_api=core)
         log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
         # Read before anything is issued: certificates derive under the stored key epoch.
-        epochs = epoch_store(
-            ca_secret=sec.ca_secret,
-            ca_dir=sec.ca_dir,
-            configmaps=CoreV1Api(api) if api is not None else None,
-        )
+        epochs = epoch_store(ca_secret=sec.ca_secret, ca_dir=sec.ca_dir, configmaps=core)
         epoch = await epochs.read() if epochs is not None else 0
         self.secrets = SecretStore(
             ca,
