@@ -7,10 +7,17 @@ from files or from a Secret in cert-manager's form (``tls.crt`` possibly a chain
 the root itself); every issued chain carries the intermediates up to, not including, the
 root.
 
-Workload certificates follow the SPIFFE X.509-SVID profile as Istio issues them: a fresh
+Workload certificates follow the SPIFFE X.509-SVID profile as Istio issues them: a
 P-256 key, an empty subject, and exactly one URI SAN ``spiffe://TD/ns/NS/sa/SA`` (marked
 critical, as an empty subject requires). Nothing else names the workload: no CN, no DNS
 SANs.
+
+The control plane issues them with :meth:`CertificateAuthority.derive_workload`: the key
+and serial come from the CA's private key (HKDF), the identity, the start of the
+certificate's life and a key epoch, and the signature is deterministic, so every process
+holding this CA issues the very same bytes for one identity and period. A restarted
+control plane, or another replica, then serves the certificate a proxy already holds, and
+sends it nothing (``docs/security.md`` says what this means for security).
 
 Errors form a small tree rooted at :class:`MtlsError`; nothing else escapes this module
 for bad certificates, keys, identities or CA files.
@@ -24,7 +31,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +42,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     Criticality,
@@ -57,15 +64,28 @@ DEFAULT_SERVER_TTL = timedelta(days=365)
 #: How far ``not_before`` is backdated, so a peer whose clock is a little behind still
 #: accepts a certificate issued a moment ago.
 CLOCK_SKEW = timedelta(minutes=1)
-#: Renewal happens at half a certificate's life, give or take this share of the lifetime,
-#: so that certificates issued together are not all renewed together.
-RENEW_JITTER = 0.1
+#: Domain separation for the workload keys derived from the CA's key: the HKDF salt, and
+#: the first field of every derivation's info (a new version would derive other keys).
+DERIVATION_SALT = b"inferlane workload key derivation"
+DERIVATION_VERSION = b"inferlane workload certificate v1"
+#: The order of P-256's group: a derived private key is a scalar in [1, order - 1].
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+#: Bytes of HKDF output per key: 64 bits more than the order's 256, so that reducing
+#: them modulo the order is uniform to within 2**-64 (FIPS 186-5, A.2.1).
+_KEY_SEED_BYTES = 40
+#: Bytes per serial: 20, the most RFC 5280 allows, of which 159 bits are used (a positive
+#: integer, as ``x509.random_serial_number`` makes).
+_SERIAL_BYTES = 20
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 #: File names under ``--ca-dir``; the same keys as a cert-manager (``kubernetes.io/tls``)
 #: Secret.
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 ROOT_FILE = "ca.crt"
+#: Held while a process creates the CA or changes the key epoch in ``--ca-dir``.
+LOCK_FILE = ".lock"
 ROOT_ORGANIZATION = "inferlane"
 
 #: Longest SPIFFE ID accepted (the SPIFFE standard's limit for a URI SAN).
@@ -77,6 +97,15 @@ Clock = Callable[[], datetime]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def unix_micros(at: datetime) -> int:
+    """Whole microseconds since the Unix epoch: exact, where ``timestamp()`` is a float."""
+    return (at - _UNIX_EPOCH) // _MICROSECOND
+
+
+def from_unix_micros(micros: int) -> datetime:
+    return _UNIX_EPOCH + micros * _MICROSECOND
 
 
 # --------------------------------------------------------------------------- errors
@@ -189,20 +218,6 @@ class IssuedCert:
     @property
     def lifetime(self) -> timedelta:
         return self.not_after - self.not_before
-
-
-def renew_at(cert: IssuedCert, rng: random.Random, jitter: float = RENEW_JITTER) -> datetime:
-    """When to replace ``cert``: half its life, plus or minus ``jitter`` of its lifetime.
-
-    Its life counts from when it was issued, not from ``not_before``, which is backdated
-    by ``CLOCK_SKEW``: otherwise a lifetime of a couple of minutes or less would be due
-    for renewal the moment it is issued.
-    """
-    issued = cert.not_before + CLOCK_SKEW
-    if issued >= cert.not_after:
-        issued = cert.not_before
-    share = 0.5 + rng.uniform(-jitter, jitter)
-    return issued + (cert.not_after - issued) * share
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -325,6 +340,16 @@ class CertificateAuthority:
             _subject_key_id(self._cert)
         )
         self._sign_hash = hashes.SHA256()
+        #: HKDF's pseudorandom key for workload keys, extracted once from the CA's key.
+        self._derivation_key = HKDF.extract(
+            hashes.SHA256(),
+            DERIVATION_SALT,
+            key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
 
     # ------------------------------------------------------------------ construction
 
@@ -436,7 +461,7 @@ class CertificateAuthority:
         directory = Path(ca_dir)
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with _locked(directory / ".lock"):
+            with locked(directory / LOCK_FILE):
                 if (directory / CERT_FILE).exists():
                     ca_path = directory / ROOT_FILE
                     ca = cls.from_files(
@@ -458,10 +483,10 @@ class CertificateAuthority:
         """Write tls.key (0600), ca.crt and then tls.crt, each atomically."""
         directory = Path(ca_dir)
         data = self.secret_data()
-        _write_atomic(directory / KEY_FILE, data[KEY_FILE], mode=0o600)
-        _write_atomic(directory / ROOT_FILE, data[ROOT_FILE], mode=0o644)
-        _write_atomic(directory / CERT_FILE, data[CERT_FILE], mode=0o644)
-        _fsync_dir(directory)
+        write_atomic(directory / KEY_FILE, data[KEY_FILE], mode=0o600)
+        write_atomic(directory / ROOT_FILE, data[ROOT_FILE], mode=0o644)
+        write_atomic(directory / CERT_FILE, data[CERT_FILE], mode=0o644)
+        fsync_dir(directory)
 
     def secret_data(self) -> dict[str, bytes]:
         """This CA in cert-manager's Secret form (raw PEM values; base64 is the caller's)."""
@@ -542,11 +567,57 @@ class CertificateAuthority:
         service_account: str,
         ttl: timedelta = DEFAULT_WORKLOAD_TTL,
     ) -> IssuedCert:
-        """A fresh P-256 key and a certificate whose only identity is the SPIFFE URI SAN."""
+        """A fresh random P-256 key and serial, valid from now for ``ttl``; the only
+        identity is the SPIFFE URI SAN. The control plane serves :meth:`derive_workload`'s
+        certificates instead; this is for tools and tests that need a new one."""
         identity = spiffe_id(trust_domain, namespace, service_account)
-        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)])
+        return self._issue_fresh(_workload_san(identity), _WORKLOAD_USAGES, identity, ttl)
+
+    def derive_workload(
+        self,
+        trust_domain: str,
+        namespace: str,
+        service_account: str,
+        *,
+        start: datetime,
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        epoch: int = 0,
+    ) -> IssuedCert:
+        """The identity's certificate whose life begins at ``start``: the same bytes from
+        every CA that holds this key.
+
+        The P-256 key and the serial are HKDF-SHA256 output keyed by the CA's private key,
+        with the SPIFFE ID, ``start``, ``ttl`` and ``epoch`` as its info; the certificate is
+        valid from ``start`` (backdated by ``CLOCK_SKEW``) for ``ttl``, within the CA's own
+        validity; the signature is deterministic (RFC 6979 for an EC CA, and PKCS#1 v1.5,
+        an RSA CA's, is by nature). A new ``epoch`` gives new keys for the same periods.
+        """
+        identity = spiffe_id(trust_domain, namespace, service_account)
+        _check_lifetime(ttl)
+        if epoch < 0:
+            raise MtlsError(f"key epoch must not be negative, not {epoch}")
+        info = b"\0".join(
+            [
+                DERIVATION_VERSION,
+                identity.encode(),
+                str(unix_micros(start)).encode(),
+                str(ttl // _MICROSECOND).encode(),
+                str(epoch).encode(),
+            ]
+        )
+        okm = HKDFExpand(hashes.SHA256(), _KEY_SEED_BYTES + _SERIAL_BYTES, info).derive(
+            self._derivation_key
+        )
+        scalar = int.from_bytes(okm[:_KEY_SEED_BYTES], "big") % (P256_ORDER - 1) + 1
+        serial = int.from_bytes(okm[_KEY_SEED_BYTES:], "big") >> 1 or 1
         return self._issue(
-            san, ttl, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], identity
+            _workload_san(identity),
+            _WORKLOAD_USAGES,
+            identity,
+            key=ec.derive_private_key(scalar, ec.SECP256R1()),
+            serial=serial,
+            not_before=max(start - CLOCK_SKEW, self._cert.not_valid_before_utc),
+            not_after=start + ttl,
         )
 
     def issue_server(
@@ -564,25 +635,43 @@ class CertificateAuthority:
                 names.append(x509.IPAddress(ipaddress.ip_address(entry)))
             except ValueError:
                 names.append(x509.DNSName(entry))
+        san = x509.SubjectAlternativeName(names)
+        return self._issue_fresh(san, [ExtendedKeyUsageOID.SERVER_AUTH], "", ttl)
+
+    def _issue_fresh(
+        self,
+        san: x509.SubjectAlternativeName,
+        usages: list[x509.ObjectIdentifier],
+        identity: str,
+        ttl: timedelta,
+    ) -> IssuedCert:
+        """A random key and serial, valid from now for ``ttl``."""
+        _check_lifetime(ttl)
+        now = self._clock()
         return self._issue(
-            x509.SubjectAlternativeName(names), ttl, [ExtendedKeyUsageOID.SERVER_AUTH], ""
+            san,
+            usages,
+            identity,
+            key=ec.generate_private_key(ec.SECP256R1()),
+            serial=x509.random_serial_number(),
+            not_before=now - CLOCK_SKEW,
+            not_after=now + ttl,
         )
 
     def _issue(
         self,
         san: x509.SubjectAlternativeName,
-        ttl: timedelta,
         usages: list[x509.ObjectIdentifier],
         identity: str,
+        *,
+        key: ec.EllipticCurvePrivateKey,
+        serial: int,
+        not_before: datetime,
+        not_after: datetime,
     ) -> IssuedCert:
-        if ttl <= timedelta(0):
-            raise MtlsError(f"certificate lifetime must be positive, not {ttl}")
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = self._clock()
-        not_before = now - CLOCK_SKEW
+        """Sign a leaf. Nothing here is random: equal arguments give equal bytes."""
         # A certificate never outlives the one that signed it.
-        not_after = min(now + ttl, self._cert.not_valid_after_utc)
-        serial = x509.random_serial_number()
+        not_after = min(not_after, self._cert.not_valid_after_utc)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
@@ -597,7 +686,14 @@ class CertificateAuthority:
             .add_extension(self._aki, critical=False)
             # An empty subject makes the SAN the only name, so it must be critical.
             .add_extension(san, critical=True)
-            .sign(self._key, self._sign_hash)
+            .sign(
+                self._key,
+                self._sign_hash,
+                # RFC 6979: the nonce comes from the key and the message, not from a RNG.
+                ecdsa_deterministic=True
+                if isinstance(self._key, ec.EllipticCurvePrivateKey)
+                else None,
+            )
         )
         cert_pem = _pem(cert)
         key_pem = key.private_bytes(
@@ -691,6 +787,18 @@ _LEAF_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
     x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
 )
 
+_WORKLOAD_USAGES = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _check_lifetime(ttl: timedelta) -> None:
+    if ttl <= timedelta(0):
+        raise MtlsError(f"certificate lifetime must be positive, not {ttl}")
+
+
+def _workload_san(identity: str) -> x509.SubjectAlternativeName:
+    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)])
+
+
 _LEAF_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
@@ -708,7 +816,8 @@ _LEAF_KEY_USAGE = x509.KeyUsage(
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if absent), held for the block."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -717,7 +826,7 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, rename it over."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -732,7 +841,7 @@ def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -171,6 +171,15 @@ def own_namespace() -> str:
         return "default"
 
 
+def ca_secret_ref(ca_secret: str) -> tuple[str, str]:
+    """``--ca-secret [NAMESPACE/]NAME`` -> (namespace, name), this process's namespace by
+    default; :class:`CaLoadError` if malformed."""
+    ref = parse_secret_ref(ca_secret, own_namespace())
+    if isinstance(ref, str):
+        raise CaLoadError(f"--ca-secret: {ref}")
+    return ref
+
+
 async def load_ca(
     *,
     ca_secret: str | None = None,
@@ -183,12 +192,9 @@ async def load_ca(
     message naming the input.
     """
     if ca_secret:
-        ref = parse_secret_ref(ca_secret, own_namespace())
-        if isinstance(ref, str):
-            raise CaLoadError(f"--ca-secret: {ref}")
         if secrets_api is None:
             raise CaLoadError("--ca-secret needs the Kubernetes API")
-        return await load_or_create_shared_ca(secrets_api, *ref)
+        return await load_or_create_shared_ca(secrets_api, *ca_secret_ref(ca_secret))
     if ca_dir is not None:
         return await asyncio.to_thread(CertificateAuthority.load_or_create, ca_dir)
     log.warning(

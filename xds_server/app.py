@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from mesh.model import World
 from mesh.proxy import Proxy
 from mesh.sources import WorldSource
+from mtls.epoch import epoch_store
 from mtls.identity import Identity, workload_identity
 from mtls.metrics import CertificateExpiry
 from mtls.publish import RootCertPublisher
@@ -242,13 +243,14 @@ class ControlPlane:
             await self.hub.push()
 
     async def renew_certificates(self) -> int:
-        """Replace every workload certificate now (``SIGUSR1``: after a suspected key
-        compromise); returns how many identities had one."""
+        """Give every workload a new key now (``SIGUSR1``: after a suspected key
+        compromise), here and, through the stored key epoch, in every replica; returns how
+        many identities had a certificate."""
         if self.secrets is None:
             return 0
         log.warning("replacing every workload certificate now")
         count = await self.secrets.rotate_all()
-        log.warning("replaced %d workload certificates", count)
+        log.warning("replaced %d workload certificates (key epoch %d)", count, self.secrets.epoch)
         return count
 
     async def _workers_syncz(self) -> list[dict[str, Any]]:
@@ -284,13 +286,20 @@ class ControlPlane:
 
         sec = self.settings.security
         api = await self._kubernetes_api(stack)
-        ca = await load_ca(
-            ca_secret=sec.ca_secret,
-            ca_dir=sec.ca_dir,
-            secrets_api=CoreV1Api(api) if api is not None else None,
-        )
+        core = CoreV1Api(api) if api is not None else None
+        ca = await load_ca(ca_secret=sec.ca_secret, ca_dir=sec.ca_dir, secrets_api=core)
         log.info("mesh CA root sha256 %s, trust domain %s", ca.root_fingerprint, sec.trust_domain)
-        self.secrets = SecretStore(ca, sec.trust_domain, ttl=sec.cert_ttl, executor=self.worker)
+        # Read before anything is issued: certificates derive under the stored key epoch.
+        epochs = epoch_store(ca_secret=sec.ca_secret, ca_dir=sec.ca_dir, configmaps=core)
+        epoch = await epochs.read() if epochs is not None else 0
+        self.secrets = SecretStore(
+            ca,
+            sec.trust_domain,
+            ttl=sec.cert_ttl,
+            executor=self.worker,
+            epochs=epochs,
+            epoch=epoch,
+        )
         self.secrets.on_change = lambda: self.debouncer.trigger(PushReason.SECRET)
         tokens = self.tokens
         if tokens is None and api is not None and self.settings.kubernetes:

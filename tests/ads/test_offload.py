@@ -54,14 +54,14 @@ async def gated_ca(
     ca = CertificateAuthority.generate()
     gate = threading.Event()
     loop_thread = threading.current_thread()
-    sign = ca.issue_workload
+    sign = ca.derive_workload
 
     def gated(*args: Any, **kwargs: Any) -> IssuedCert:
         assert threading.current_thread() is not loop_thread, "signed on the event loop"
         assert gate.wait(10), "the gate never opened"
         return sign(*args, **kwargs)
 
-    monkeypatch.setattr(ca, "issue_workload", gated)
+    monkeypatch.setattr(ca, "derive_workload", gated)
     try:
         yield ca, gate
     finally:

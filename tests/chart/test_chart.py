@@ -366,6 +366,7 @@ def test_several_replicas_with_counters_in_memory_are_refused(replicas: int) -> 
 
 
 def test_existing_ca_secret_is_only_read() -> None:
+    """cert-manager's Secret is only read; the key epoch lives in a ConfigMap of ours."""
     objects = render(VALUE_SETS["existing-ca"])
     assert "--ca-secret=cert-manager-issued-ca" in _container(objects)["args"]
     role = one(objects, "Role")
@@ -375,7 +376,13 @@ def test_existing_ca_secret_is_only_read() -> None:
             "resources": ["secrets"],
             "resourceNames": ["cert-manager-issued-ca"],
             "verbs": ["get"],
-        }
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["cert-manager-issued-ca-key-epoch"],
+            "verbs": ["get", "update"],
+        },
     ]
 
 

@@ -4,18 +4,19 @@
 
 1. recorded: the Kubernetes source (mesh/kube.py) runs against the fake API server until it
    has listed, watched and posted an Event; the root certificate's publisher
-   (mtls/publish.py) until it has read, created and updated its ConfigMap; and the CA store
+   (mtls/publish.py) until it has read, created and updated its ConfigMap; the CA store
    (mtls/store.py) runs against the fake Secrets server, with the CA Secret name the chart
-   passes, until it has read and created it. Every HTTP request becomes (apiGroup,
-   resource, verb).
+   passes, until it has read and created it; and the key epoch's store (mtls/epoch.py),
+   for that Secret, until it has read, created and updated its ConfigMap. Every HTTP
+   request becomes (apiGroup, resource, verb).
 2. referenced: every method of the kubernetes client's API classes that the shipped packages
    name (as an attribute, or as a string as mesh/kube.py's RESOURCES does) becomes
    (apiGroup, resource, verb) from the request path and HTTP method the client itself uses.
    This also covers calls no test here drives, such as the TLS port's TokenReview.
 
 Every permission needed must be granted, and every permission granted must be needed. The
-CA Secret is the only namespaced grant (a Role), and reading it is limited to its name; so
-are reading and updating the root certificate's ConfigMaps.
+CA Secret and its key epoch's ConfigMap are the only namespaced grants (a Role), each
+limited to its name; so are reading and updating the root certificate's ConfigMaps.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from mesh.build import build_world
 from mesh.kube import KubernetesSource, WatchSettings
 from mesh.sources import LatestWorld
 from mtls.ca import CertificateAuthority
+from mtls.epoch import CONFIGMAP_SUFFIX, epoch_store
 from mtls.publish import CONFIGMAP_NAME, RootCertPublisher
 from mtls.store import load_or_create_shared_ca
 from tests.chart.render import NAMESPACE, Obj, one, render
-from tests.mesh.fake_apiserver import FakeApiServer
+from tests.mesh.fake_apiserver import FakeApiServer, core_v1
 from tests.mesh.objects import endpoint_slice, node, pod, service, slice_endpoint
 from tests.mtls.fake_kube import FakeSecretsServer
 
@@ -197,6 +199,18 @@ async def record_ca_store(namespace: str, name: str) -> list[Call]:
     return seen
 
 
+async def record_epoch_store(namespace: str, secret: str) -> list[Call]:
+    """Run the key epoch's store for the CA Secret: it reads, creates, then updates."""
+    async with core_v1() as (fake, api):
+        epochs = epoch_store(ca_secret=f"{namespace}/{secret}", configmaps=api)
+        assert epochs is not None
+        assert await epochs.read() == 0
+        assert await epochs.advance(0) == 1
+        assert await epochs.advance(1) == 2
+    calls = [call_of(r.method, r.path, r.query) for r in fake.requests]
+    return [c for c in calls if c is not None]
+
+
 # --- referenced calls -------------------------------------------------------------------
 
 _SERIALIZE = re.compile(
@@ -280,8 +294,9 @@ def recorded() -> list[Call]:
     async def both() -> list[Call]:
         kube = await record_kubernetes_source()
         store = await record_ca_store(NAMESPACE, ca_secret_name(objects))
+        epoch = await record_epoch_store(NAMESPACE, ca_secret_name(objects))
         published = await record_root_cert_publisher()
-        return [*kube, *store, *published]
+        return [*kube, *store, *epoch, *published]
 
     return asyncio.run(both())
 
@@ -296,6 +311,7 @@ def test_recorded_calls_are_the_expected_kinds(recorded: list[Call]) -> None:
     assert Permission("", "secrets", "create") in perms
     assert Permission("", "configmaps", "get") in perms
     assert Permission("", "configmaps", "create") in perms
+    assert Permission("", "configmaps", "update") in perms
 
 
 def test_referenced_client_methods_map_to_calls() -> None:
@@ -317,26 +333,34 @@ def test_rbac_grants_exactly_what_the_code_calls(recorded: list[Call]) -> None:
     assert unused == [], f"the chart grants calls the code never makes: {unused}"
 
 
-def test_only_the_ca_secret_is_namespaced_and_named(recorded: list[Call]) -> None:
+def test_namespaced_grants_are_the_ca_secret_and_its_key_epoch(recorded: list[Call]) -> None:
     objects = render()
     role = one(objects, "Role")
     cluster_role = one(objects, "ClusterRole")
     secret = ca_secret_name(objects)
-    assert all(p.resource == "secrets" for p in granted(role["rules"]))
+    epoch = secret + CONFIGMAP_SUFFIX
     assert all(p.resource != "secrets" for p in granted(cluster_role["rules"]))
+    assert role["metadata"]["namespace"] == NAMESPACE
     # The store reads only the Secret the chart names, in the release's namespace; the Role
     # lets it read that one and no other.
     reads = [c for c in recorded if c.permission == Permission("", "secrets", "get")]
     assert {(c.namespace, c.name) for c in reads} == {(NAMESPACE, secret)}
-    (get_rule,) = [r for r in role["rules"] if "get" in r["verbs"]]
-    assert get_rule["resourceNames"] == [secret]
-    assert role["metadata"]["namespace"] == NAMESPACE
+    named = {r["resources"][0]: r for r in role["rules"] if "resourceNames" in r}
+    assert named["secrets"]["resourceNames"] == [secret] and named["secrets"]["verbs"] == ["get"]
+    # The key epoch: only its ConfigMap beside the Secret is read and updated, and the Role
+    # grants exactly that.
+    assert named["configmaps"]["resourceNames"] == [epoch]
+    assert sorted(named["configmaps"]["verbs"]) == ["get", "update"]
+    unnamed = [r for r in role["rules"] if "resourceNames" not in r]
+    assert all(r["resources"] == ["secrets"] and r["verbs"] == ["create"] for r in unnamed)
     configmaps = [c for c in recorded if c.permission.resource == "configmaps"]
-    assert {c.name for c in configmaps if c.permission.verb != "create"} == {CONFIGMAP_NAME}
-    (named,) = [
+    by_name = {(c.namespace, c.name) for c in configmaps if c.permission.verb != "create"}
+    assert {n for ns, n in by_name if ns == NAMESPACE and n == epoch} == {epoch}
+    assert {n for _, n in by_name} == {CONFIGMAP_NAME, epoch}
+    (root_cert,) = [
         r for r in cluster_role["rules"] if "configmaps" in r["resources"] and "get" in r["verbs"]
     ]
-    assert named["resourceNames"] == [CONFIGMAP_NAME]
+    assert root_cert["resourceNames"] == [CONFIGMAP_NAME]
     binding = one(objects, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     cluster_binding = one(objects, "ClusterRoleBinding")

@@ -271,6 +271,8 @@ async def envoy_versions(envoy: Envoy) -> dict[tuple[str, str], str]:
         for entry in config.get("dynamic_endpoint_configs", []):
             name = entry["endpoint_config"]["cluster_name"]
             out[("endpoints", name)] = entry.get("version_info", "")
+        for entry in config.get("dynamic_active_secrets", []):
+            out[("secret", entry["name"])] = entry["version_info"]
     return out
 
 

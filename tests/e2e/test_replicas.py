@@ -1,8 +1,11 @@
 """Two ``inferlane serve`` replicas on the same inputs: identical versions, and a proxy that
 loses its replica reconnects to the other without a failed request (issue 6, item 4).
 
-The replicas share nothing but their inputs: versions are hashes of the serialized
-resources, so any replica computes what any other would.
+The replicas share nothing but their inputs and the CA (one ``--ca-dir`` here, as
+``--ca-secret`` shares it in a cluster): versions are hashes of the serialized resources,
+so any replica computes what any other would, and workload certificates derive from the
+CA's key, the identity and the renewal period, so the sidecar's secrets are the same
+bytes in both and the failover sends it no secret either.
 """
 
 from __future__ import annotations
@@ -25,7 +28,18 @@ from tests.e2e.harness import (
     sidecar,
     write_manifests,
 )
-from tests.e2e.test_restart import LLAMA, TYPES, Serve, Steady, _wait_reconnected, serving
+from tests.e2e.test_restart import (
+    CLIENT_POD,
+    CLIENT_SA,
+    LLAMA,
+    TYPES,
+    Serve,
+    Steady,
+    _wait_reconnected,
+    assert_mid_period,
+    serving,
+    with_secrets,
+)
 from tests.support.backends import echo_server
 from tests.support.envoy import require_envoy, running_envoy
 from tests.support.wait import eventually
@@ -33,7 +47,7 @@ from xds_server.sidecar.bootstrap import BootstrapOptions, bootstrap
 
 pytestmark = pytest.mark.envoy
 
-GPU0, CPU0 = "127.0.39.1", "127.0.39.3"
+GPU0, CPU0, EMBED0 = "127.0.39.1", "127.0.39.3", "127.0.39.5"
 
 
 def two_replica_bootstrap(second_port: int) -> Callable[[BootstrapOptions], str]:
@@ -66,6 +80,7 @@ async def test_replica_failover_keeps_versions_and_traffic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_envoy()
+    assert_mid_period()
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (tmp_path / "a").mkdir()
@@ -82,13 +97,15 @@ async def test_replica_failover_keeps_versions_and_traffic(
                 inference_service("llama"),
                 model_pod("gpu-0", app="llama", ip=GPU0, port=gpu0.port, gpu=True),
                 model_pod("cpu-0", app="llama", ip=CPU0, port=cpu0.port),
+                *with_secrets(client_ip, EMBED0),
             ],
         )
         session = await stack.enter_async_context(http_session())
-        a = await stack.enter_async_context(serving(manifests, 0, tmp_path / "a"))
-        b = await stack.enter_async_context(serving(manifests, 0, tmp_path / "b"))
+        ca_dir = tmp_path / "ca"
+        a = await stack.enter_async_context(serving(manifests, 0, tmp_path / "a", ca_dir=ca_dir))
+        b = await stack.enter_async_context(serving(manifests, 0, tmp_path / "b", ca_dir=ca_dir))
         monkeypatch.setattr(bench.envoy, "bootstrap_yaml", two_replica_bootstrap(b.ports["xds"]))
-        node_id, metadata, outbound = sidecar(client_ip, "app-0")
+        node_id, metadata, outbound = sidecar(client_ip, CLIENT_POD, service_account=CLIENT_SA)
         envoy = await stack.enter_async_context(
             running_envoy(node_id, a.ports["xds"], metadata=metadata)
         )
@@ -107,6 +124,7 @@ async def test_replica_failover_keeps_versions_and_traffic(
         other = b if active is a else a
         await _wait_reconnected(session, active, node_id)
         before = await envoy_versions(envoy)
+        assert {("secret", "default"), ("secret", "ROOTCA")} <= set(before)
         dump = await active.json(session, f"/debug/config_dump?proxy={node_id}")
 
         steady = Steady(client)

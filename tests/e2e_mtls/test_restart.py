@@ -1,13 +1,14 @@
 """A control plane restarted with the same ``--ca-dir`` keeps its root (issue 4, #4).
 
 Two sidecars talk over mTLS; the control plane stops and a new one starts on the same
-port and CA directory. The sidecars reconnect and are issued new certificates, signed by
+port and CA directory. The sidecars reconnect; the new control plane derives the very
+certificates they hold until each one's renewal period ends, then renews them, signed by
 the same root: every Envoy still holds the one root it had, and new handshakes with the
-new certificates succeed while requests keep flowing.
+renewed certificates succeed while requests keep flowing. (That nothing is re-sent on a
+restart is tested with ``inferlane serve`` itself, in tests/e2e/test_restart.py.)
 
-Certificates live ten seconds here (with ``mtls.ca``'s one-minute backdating shortened,
-see test_rotation.py), so connections are recycled every few seconds and new handshakes
-come quickly.
+Certificates live ten seconds here, so they are renewed every five, connections are
+recycled every few seconds and new handshakes come quickly.
 """
 
 from __future__ import annotations
@@ -92,14 +93,16 @@ async def test_restart_with_the_same_ca_dir_keeps_trust(
                 assert second.secrets is not None
                 assert second.secrets.ca.root_fingerprint == root
 
-                async def reissued() -> bool:
+                async def renewed() -> bool:
                     client_now = await own_serials(client_envoy, spiffe("chat"))
                     server_now = await own_serials(server_envoy, spiffe("llama"))
                     return bool(client_now - before["client"]) and bool(
                         server_now - before["server"]
                     )
 
-                await eventually(reissued, timeout=20, what="certificates from the second plane")
+                await eventually(
+                    renewed, timeout=20, what="certificates renewed by the second plane"
+                )
                 assert await _roots(client_envoy) == roots
                 assert await _roots(server_envoy) == roots
 

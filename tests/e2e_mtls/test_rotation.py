@@ -1,14 +1,11 @@
 """Certificate rotation under a steady request loop (issue 4, #2).
 
-Workload certificates live four seconds here, so they are renewed about every two. A
-client sidecar sends a request every few milliseconds through the server sidecar while
-both rotate several times: no request may fail, each Envoy's ``/certs`` shows a new serial
-after each renewal, and the backend sees new client certificates (the hash in
-``x-forwarded-client-cert``) as new connections are made.
-
-``mtls.ca`` backdates ``not_before`` by a minute and measures renewal from there, which
-makes lifetimes under about 90 s due at once; the test shortens that backdating so a
-four-second lifetime renews at its half life.
+Workload certificates live four seconds here, so they are renewed every two (each
+identity's renewal period is half the lifetime). A client sidecar sends a request every
+few milliseconds through the server sidecar while both rotate several times: no request
+may fail, each Envoy's ``/certs`` shows a new serial after each renewal, and the backend
+sees new client certificates (the hash in ``x-forwarded-client-cert``) as new connections
+are made.
 """
 
 from __future__ import annotations

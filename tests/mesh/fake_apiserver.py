@@ -29,11 +29,12 @@ import contextlib
 import copy
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from kubernetes.aio import client
 
 JsonObject = dict[str, Any]
 
@@ -466,3 +467,16 @@ class _Selector:
             if op == "!=" and labels.get(key) == value:
                 return False
         return True
+
+
+@contextlib.asynccontextmanager
+async def core_v1() -> AsyncIterator[tuple[FakeApiServer, Any]]:
+    """A started fake and the official client's ``CoreV1Api`` on it; both closed on exit."""
+    fake = FakeApiServer()
+    url = await fake.start()
+    api: Any = client.ApiClient(configuration=client.Configuration(host=url))
+    try:
+        yield fake, client.CoreV1Api(api)
+    finally:
+        await api.close()
+        await fake.stop()

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import os
-import random
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.certs import rsa_ca
 from mtls.ca import (
     CERT_FILE,
     CLOCK_SKEW,
@@ -26,7 +27,6 @@ from mtls.ca import (
     IssuedCert,
     MtlsError,
     UntrustedCertificate,
-    renew_at,
 )
 from tests.mtls.pki import KeyPair, make_ca, make_leaf
 
@@ -263,30 +263,106 @@ def test_server_certificate(ca: CertificateAuthority) -> None:
         ca.issue_server([])
 
 
-# ----------------------------------------------------------------------------- renewal
+# ----------------------------------------------------------------------------- derived
 
 
-def test_renew_at_is_half_life_with_bounded_jitter(workload: IssuedCert) -> None:
-    rng = random.Random(7)
-    times = [renew_at(workload, rng) for _ in range(200)]
-    lifetime = workload.lifetime
-    low = workload.not_before + lifetime * 0.4
-    high = workload.not_before + lifetime * 0.6
-    assert all(low <= t <= high for t in times)
-    assert len(set(times)) > 150  # jittered, not synchronised
-    spread = max(times) - min(times)
-    assert spread > lifetime * 0.15
-    # Half the life from issue (not_before is backdated by the clock-skew allowance).
-    issued = workload.not_before + CLOCK_SKEW
+START = datetime(2030, 1, 1, 6, 30, 12, 345678, tzinfo=UTC)
+
+
+def _derive(ca: CertificateAuthority, sa: str = "llama", **changes: object) -> IssuedCert:
+    args: dict[str, Any] = {"start": START, "ttl": timedelta(hours=24), "epoch": 0} | changes
+    return ca.derive_workload(TD, "default", sa, **args)
+
+
+def test_every_copy_of_the_ca_derives_the_same_bytes(tmp_path: Path) -> None:
+    """Two replicas (or one before and after a restart) load the CA from its files or its
+    Secret: each derives byte-identical certificates and keys."""
+    made = CertificateAuthority.load_or_create(tmp_path / "ca")
+    loaded = CertificateAuthority.load_or_create(tmp_path / "ca")
+    from_secret = CertificateAuthority.from_secret_data(made.secret_data())
+    first = _derive(made)
+    assert _derive(loaded) == first
+    assert _derive(from_secret) == first
+    # ... and deriving twice is not a cached answer: the CA signs each time (RFC 6979).
+    assert _derive(made) == first and _derive(made) is not first
+    # Another CA with its own key derives something else entirely.
+    stranger = _derive(CertificateAuthority.generate(clock=lambda: START))
+    assert stranger.key_pem != first.key_pem and stranger.serial != first.serial
+
+
+def test_a_derived_certificate_is_a_valid_workload_certificate() -> None:
+    ca = CertificateAuthority.generate(clock=lambda: START - timedelta(days=1))
+    issued = _derive(ca)
+    cert = _cert(issued.cert_pem)
+    cert.verify_directly_issued_by(ca.certificate)
+    key = serialization.load_pem_private_key(issued.key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert key.public_key() == cert.public_key()
+    assert cert.serial_number == issued.serial and 0 < issued.serial < 2**159
+    # Valid from the start of its life (backdated for skew) for the whole lifetime.
     assert (
-        renew_at(workload, random.Random(0), jitter=0) == issued + (workload.not_after - issued) / 2
+        cert.not_valid_before_utc
+        == issued.not_before
+        == (START - CLOCK_SKEW).replace(microsecond=0)
     )
+    assert (
+        cert.not_valid_after_utc
+        == issued.not_after
+        == (START + timedelta(hours=24)).replace(microsecond=0)
+    )
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical and list(san.value) == [x509.UniformResourceIdentifier(issued.spiffe_id)]
+    assert ca.verify_client(issued.chain_pem, now=START) == issued.spiffe_id
 
 
-def test_renew_at_a_short_lifetime_is_not_due_at_once(ca: CertificateAuthority) -> None:
-    short = ca.issue_workload("cluster.local", "default", "llama", ttl=timedelta(seconds=10))
-    due = renew_at(short, random.Random(0), jitter=0)
-    assert due == short.not_before + CLOCK_SKEW + timedelta(seconds=5)
+def test_derived_keys_differ_by_identity_period_lifetime_and_epoch() -> None:
+    ca = CertificateAuthority.generate(clock=lambda: START)
+    variants = [
+        _derive(ca),
+        _derive(ca, sa="chat"),
+        _derive(ca, start=START + timedelta(hours=12)),
+        _derive(ca, start=START + timedelta(microseconds=1)),
+        _derive(ca, ttl=timedelta(hours=23)),
+        _derive(ca, epoch=1),
+        ca.derive_workload("other.domain", "default", "llama", start=START),
+    ]
+    assert len({v.key_pem for v in variants}) == len(variants)
+    assert len({v.serial for v in variants}) == len(variants)
+    assert len({v.cert_pem for v in variants}) == len(variants)
+
+
+def test_a_derived_certificate_stays_within_its_ca() -> None:
+    """A CA made after the period began, and expiring before the leaf would: the leaf's
+    validity is cut to the CA's, and still derived the same way every time."""
+    ca = CertificateAuthority.generate(
+        clock=lambda: START + timedelta(hours=1), ttl=timedelta(hours=5)
+    )
+    issued = _derive(ca)
+    assert issued.not_before == ca.certificate.not_valid_before_utc
+    assert issued.not_after == ca.certificate.not_valid_after_utc
+    copy = CertificateAuthority.from_secret_data(
+        ca.secret_data(), clock=lambda: START + timedelta(hours=1)
+    )
+    assert _derive(copy) == issued
+
+
+def test_an_rsa_ca_derives_the_same_bytes_too() -> None:
+    """PKCS#1 v1.5 signatures are deterministic by construction: an RSA CA (cert-manager
+    issues those) derives identical certificates as well."""
+    rsa = rsa_ca()
+    copy = CertificateAuthority.from_secret_data(rsa.secret_data())
+    now = datetime.now(UTC)
+    assert _derive(rsa, start=now) == _derive(copy, start=now)
+    _cert(_derive(rsa, start=now).cert_pem).verify_directly_issued_by(rsa.certificate)
+
+
+def test_derivation_refuses_bad_input(ca: CertificateAuthority) -> None:
+    with pytest.raises(BadIdentity):
+        ca.derive_workload(TD, "Not_A_Namespace", "llama", start=START)
+    with pytest.raises(MtlsError, match="epoch"):
+        _derive(ca, epoch=-1)
+    with pytest.raises(MtlsError, match="lifetime"):
+        _derive(ca, ttl=timedelta(0))
 
 
 # ----------------------------------------------------------------------------- verifying

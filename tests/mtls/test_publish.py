@@ -8,12 +8,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from kubernetes.aio import client
 
 from bench.wait import eventually
 from mesh.build import build_world
@@ -29,7 +27,7 @@ from mtls.publish import (
     mesh_namespaces,
 )
 from tests.e2e.harness import control_plane, loopback_settings
-from tests.mesh.fake_apiserver import FakeApiServer
+from tests.mesh.fake_apiserver import FakeApiServer, core_v1
 from tests.mesh.objects import pod, service
 
 
@@ -52,18 +50,6 @@ def mesh_world() -> World:
             service("plain", namespace="other", annotations={}),
         ]
     )
-
-
-@contextlib.asynccontextmanager
-async def fake_api() -> AsyncIterator[tuple[FakeApiServer, Any]]:
-    fake = FakeApiServer()
-    url = await fake.start()
-    api: Any = client.ApiClient(configuration=client.Configuration(host=url))
-    try:
-        yield fake, client.CoreV1Api(api)
-    finally:
-        await api.close()
-        await fake.stop()
 
 
 def published(fake: FakeApiServer) -> dict[str, str]:
@@ -90,7 +76,7 @@ def test_bundles_rank_newest_root_first(
 async def test_publishes_once_per_mesh_namespace_and_then_only_reads(
     new_ca: CertificateAuthority,
 ) -> None:
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         publisher = RootCertPublisher(core, lambda: new_ca.trust_bundle_pem)
         publisher.set_world(mesh_world())
         assert await publisher.reconcile() == 2
@@ -115,7 +101,7 @@ def mesh_objects() -> list[dict[str, Any]]:
 async def test_a_deleted_or_edited_configmap_comes_back_at_resync(
     new_ca: CertificateAuthority,
 ) -> None:
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         publisher = RootCertPublisher(core, lambda: new_ca.trust_bundle_pem, resync_s=0.2)
         publisher.set_world(mesh_world())
         await publisher.reconcile()
@@ -142,7 +128,7 @@ async def test_replicas_with_different_roots_converge_on_the_newest_without_figh
 ) -> None:
     """During a CA rotation one replica may still hold the old root: the newest bundle
     wins, and the replica with the old one leaves it alone instead of writing it back."""
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         old = RootCertPublisher(core, lambda: old_ca.trust_bundle_pem)
         new = RootCertPublisher(core, lambda: new_ca.trust_bundle_pem)
         for replica in (old, new):
@@ -159,7 +145,7 @@ async def test_replicas_with_different_roots_converge_on_the_newest_without_figh
 async def test_a_concurrent_write_is_detected_and_read_again(
     new_ca: CertificateAuthority, old_ca: CertificateAuthority
 ) -> None:
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         publisher = RootCertPublisher(core, lambda: new_ca.trust_bundle_pem)
         publisher.set_world(build_world([service("llama", namespace="models")]))
         await fake.put(
@@ -189,7 +175,7 @@ async def test_a_concurrent_write_is_detected_and_read_again(
 async def test_refusals_are_logged_once_and_retried(
     new_ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         publisher = RootCertPublisher(core, lambda: new_ca.trust_bundle_pem)
         publisher.set_world(build_world([service("llama", namespace="models")]))
         caplog.set_level(logging.WARNING, logger="mtls.publish")
@@ -206,7 +192,7 @@ async def test_refusals_are_logged_once_and_retried(
 
 async def test_serve_with_kubernetes_publishes_its_root() -> None:
     """``inferlane serve --kubernetes`` wires the publisher to the world it serves."""
-    async with fake_api() as (fake, core):
+    async with core_v1() as (fake, core):
         await fake.put(service("llama", namespace="models"))
         await fake.put(pod("chat-0", namespace="apps", sidecar=True))
         api = core.api_client

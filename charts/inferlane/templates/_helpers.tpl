@@ -72,6 +72,12 @@ helm.sh/chart: {{ include "inferlane.chart" . }}
 {{- end -}}
 {{- end -}}
 
+{{/* The ConfigMap where the replicas keep the workload key epoch, next to the CA Secret
+     (mtls/epoch.py: the Secret's name and "-key-epoch"). */}}
+{{- define "inferlane.keyEpochName" -}}
+{{- printf "%s-key-epoch" (include "inferlane.caSecretName" .) -}}
+{{- end -}}
+
 {{/* The settings ConfigMap. */}}
 {{- define "inferlane.configName" -}}
 {{- printf "%s-config" (include "inferlane.fullname" .) | trunc 63 | trimSuffix "-" -}}
