@@ -81,7 +81,8 @@ SEED: Final = 20240601
 
 def default_tradeoff(base: Knobs) -> tuple[Knobs, ...]:
     """The knob settings ``--tradeoff`` sweeps, each a change from ``base``."""
-    priority = {"scheduling_policy": Policy.PRIORITY, "body_priority": True}
+    # The Service's scheduling-policy annotation: each pod's sidecar writes the class.
+    priority: dict[str, object] = {"scheduling_policy": Policy.PRIORITY}
     seqs = base.max_num_seqs
     half, quarter = max(1, seqs // 2), max(1, seqs // 4)
     changes: list[dict[str, object]] = [

@@ -109,10 +109,13 @@ class Knobs:
     adaptive: bool = False
     #: ``inferlane.io/rate-limit`` (e.g. ``sheddable=5``), or None.
     rate_limit: str | None = None
-    #: vLLM's ``--scheduling-policy`` on every pod.
+    #: vLLM's ``--scheduling-policy`` on every pod. ``priority`` also sets the Service's
+    #: ``inferlane.io/scheduling-policy: priority``, so each pod's sidecar writes the
+    #: class it serves as vLLM's ``priority``.
     scheduling_policy: Policy = Policy.FCFS
-    #: Callers write vLLM's ``priority`` into each body from its class. Needs the
-    #: ``priority`` policy on the pods (vLLM refuses the field otherwise).
+    #: Callers write vLLM's ``priority`` into each body from its class themselves: what a
+    #: user without inferlane could do (the baselines get it too). Needs the ``priority``
+    #: policy on the pods (vLLM refuses the field otherwise).
     body_priority: bool = False
     #: vLLM's ``--max-num-seqs`` on the GPU pods.
     max_num_seqs: int = 32
@@ -141,7 +144,7 @@ class Knobs:
             parts.append(f"rate-limit {self.rate_limit}")
         parts.append(f"vLLM {self.scheduling_policy.value}")
         if self.body_priority:
-            parts[-1] += " (class as priority)"
+            parts[-1] += " (callers write the class)"
         parts.append(f"max-num-seqs {self.max_num_seqs}")
         if self.orca_on_streams:
             parts.append("ORCA on streams")
@@ -200,6 +203,8 @@ class Topology:
             annotations["inferlane.io/adaptive"] = "true"
         if knobs.rate_limit:
             annotations["inferlane.io/rate-limit"] = knobs.rate_limit
+        if knobs.scheduling_policy is Policy.PRIORITY:
+            annotations["inferlane.io/scheduling-policy"] = "priority"
         return {**annotations, **self.annotations}
 
     def manifests(self, knobs: Knobs) -> list[dict[str, Any]]:

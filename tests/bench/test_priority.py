@@ -76,7 +76,14 @@ def test_manifests_describe_the_mesh_the_control_plane_reads(tmp_path: Path) -> 
     assert callers["ingress-gateway-0"] == "ingress-gateway"
     # Knobs left at their defaults leave their annotations out.
     bare = topo.service_annotations(Knobs(max_concurrency=None))
-    assert not {"inferlane.io/max-concurrency", "inferlane.io/adaptive"} & set(bare)
+    assert not {
+        "inferlane.io/max-concurrency",
+        "inferlane.io/adaptive",
+        "inferlane.io/scheduling-policy",
+    } & set(bare)
+    # vLLM's priority policy: the sidecars write each request's class as its priority.
+    priority = topo.service_annotations(Knobs(scheduling_policy=Policy.PRIORITY))
+    assert priority["inferlane.io/scheduling-policy"] == "priority"
 
 
 def test_callers_differ_and_every_class_is_sent() -> None:
@@ -112,7 +119,8 @@ def test_knobs_refuse_what_vllm_would() -> None:
     with pytest.raises(ValueError):
         Knobs(max_concurrency=0)
     assert (
-        "class as priority" in Knobs(scheduling_policy=Policy.PRIORITY, body_priority=True).label()
+        "callers write the class"
+        in Knobs(scheduling_policy=Policy.PRIORITY, body_priority=True).label()
     )
 
 
@@ -120,7 +128,7 @@ def test_tradeoff_settings_are_distinct_changes_of_the_base() -> None:
     base = Knobs()
     settings = default_tradeoff(base)
     assert settings[0] == base and len(set(settings)) == len(settings) >= 5
-    assert any(k.body_priority for k in settings)
+    assert any(k.scheduling_policy is Policy.PRIORITY and not k.body_priority for k in settings)
     assert {k.max_concurrency for k in settings} >= {32, 16, 8}
     assert any(k.max_num_seqs < base.max_num_seqs for k in settings)
 
