@@ -114,13 +114,42 @@ def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+#: A snapshot's resources of one type, by name. Shared by every snapshot built from the
+#: same tuple of messages: never modified once built.
+Bucket = Mapping[str, Resource]
+
+
 class ResourceInterner:
-    """Builds :class:`Resource` objects, sharing one object per identical resource."""
+    """Builds :class:`Resource` objects, sharing one object per identical resource.
+
+    By content: identical resources built for different proxies are one object, for as
+    long as any snapshot holds it. By identity: a generator hands out the same message
+    objects, in the same tuples, to every proxy (and every generation) that gets the same
+    content (:class:`~xds_server.ads.cache.Generator`); a message or tuple seen before is
+    not serialized again. Those are remembered by identity for the generation that last
+    used them and the one after (:meth:`advance`), holding the objects so that their
+    identities stay theirs; only messages handed in within tuples are, since a generator
+    that builds fresh lists builds fresh messages.
+    """
 
     def __init__(self) -> None:
         self._live: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
         )
+        self._generation = 0
+        self._messages: dict[int, tuple[Any, Resource]] = {}
+        self._messages_before: dict[int, tuple[Any, Resource]] = {}
+        self._groups: dict[int, tuple[tuple[Any, ...], dict[str, Bucket]]] = {}
+        self._groups_before: dict[int, tuple[tuple[Any, ...], dict[str, Bucket]]] = {}
+
+    def advance(self, generation: int) -> None:
+        """Start ``generation`` (a later one than any before): what was remembered by
+        identity and not used since the generation before is forgotten."""
+        if generation <= self._generation:
+            return
+        self._generation = generation
+        self._messages_before, self._messages = self._messages, {}
+        self._groups_before, self._groups = self._groups, {}
 
     def make(self, message: Any) -> Resource:
         type_url = type_url_of(message)
@@ -143,6 +172,42 @@ class ResourceInterner:
         )
         self._live[key] = res
         return res
+
+    def _made(self, message: Any) -> Resource:
+        """:meth:`make`, once per message object (see the class docstring)."""
+        key = id(message)
+        found = self._messages.get(key)
+        if found is None:
+            found = self._messages_before.pop(key, None) or (message, self.make(message))
+            self._messages[key] = found
+        return found[1]
+
+    def buckets(self, messages: Iterable[Any]) -> dict[str, Bucket]:
+        """``messages`` as resources by type and name; SnapshotError for a name twice.
+
+        A tuple's buckets are built once (see the class docstring) and shared: never
+        modify them."""
+        if not isinstance(messages, tuple):
+            return _buckets(self.make(m) for m in messages)
+        key = id(messages)
+        found = self._groups.get(key)
+        if found is None:
+            found = self._groups_before.pop(key, None) or (
+                messages,
+                _buckets(self._made(m) for m in messages),
+            )
+            self._groups[key] = found
+        return found[1]
+
+
+def _buckets(resources: Iterable[Resource]) -> dict[str, Bucket]:
+    by_type: dict[str, dict[str, Resource]] = {}
+    for res in resources:
+        bucket = by_type.setdefault(res.type_url, {})
+        if res.name in bucket:
+            raise SnapshotError(f"two {xds.short(res.type_url)} resources named {res.name!r}")
+        bucket[res.name] = res
+    return dict(by_type)
 
 
 @dataclass(frozen=True)
@@ -239,19 +304,20 @@ def build_snapshot(
     generated: Mapping[str, Sequence[Any]] | Iterable[Any],
     generation: int = 0,
 ) -> Snapshot:
-    """Serialize and version translator output (messages grouped by type URL, or a flat list)."""
-    messages: Iterable[Any]
-    if isinstance(generated, Mapping):
-        messages = (m for group in generated.values() for m in group)
-    else:
-        messages = generated
-    by_type: dict[str, dict[str, Resource]] = {}
-    for message in messages:
-        res = interner.make(message)
-        bucket = by_type.setdefault(res.type_url, {})
-        if res.name in bucket:
-            raise SnapshotError(f"two {xds.short(res.type_url)} resources named {res.name!r}")
-        bucket[res.name] = res
+    """Serialize and version translator output (messages grouped by type URL, or a flat
+    list), as resources of ``generation`` (:meth:`ResourceInterner.advance`)."""
+    interner.advance(generation)
+    groups = generated.values() if isinstance(generated, Mapping) else [generated]
+    by_type: dict[str, Bucket] = {}
+    for group in groups:
+        for type_url, bucket in interner.buckets(group).items():
+            have = by_type.get(type_url)
+            if have is None:
+                by_type[type_url] = bucket  # shared with other snapshots: not modified
+                continue
+            for name in bucket.keys() & have.keys():
+                raise SnapshotError(f"two {xds.short(type_url)} resources named {name!r}")
+            by_type[type_url] = {**have, **bucket}
     return Snapshot(resources=by_type, generation=generation)
 
 
