@@ -258,10 +258,14 @@ class World:
                 found.setdefault(workload.ip, []).append(workload)
         return {ip: tuple(pods) for ip, pods in found.items()}
 
-    def endpoints_of(self, pod_key: tuple[str, str] | None, ip: str) -> tuple[Owned, ...]:
+    def endpoints_of(
+        self, pod_key: tuple[str, str] | None, ip: str | None = None
+    ) -> tuple[Owned, ...]:
         """The endpoints on one pod, with their Services and their place in the Service's
-        list: those naming the pod, and those at ``ip`` that name no pod."""
+        list: those naming the pod, and (given its ``ip``) those there that name no pod."""
         named = self._endpoints_by_pod.get(pod_key, ()) if pod_key is not None else ()
+        if ip is None:
+            return named
         return named + self._endpoints_by_address.get(ip, ())
 
     @functools.cached_property

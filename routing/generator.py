@@ -19,6 +19,7 @@ from mesh.model import World
 from mesh.proxy import Proxy
 from mtls.identity import Identity, workload_identity
 from mtls.secrets import SecretBundle
+from routing.endpoints import endpoint_target
 from routing.incremental import Translation, TranslationView
 from routing.limits import RateLimitOptions, limit_key
 from routing.secure import SecurityOptions
@@ -104,6 +105,36 @@ class MeshGenerator:
             self._view = view
             self._inherit = (None, None)
         return view, memo
+
+    def same_routing_as(self, other: MeshGenerator | None) -> bool:
+        """Whether every proxy gets the same listeners, routes, clusters and endpoints from
+        this generation as from ``other`` (secrets aside: the store renews them in place).
+
+        True when only the connected sidecars differ, and none of those that connected or
+        left changes how an endpoint is reached: a client's sidecar, or the sidecar a pod
+        declares connecting with the ports it was expected to have. Cheap (it looks at
+        those sidecars' endpoints only), so a connection storm need not make a generation
+        per debounce for nothing.
+        """
+        if (
+            other is None
+            or other.world is not self.world
+            or other.secrets is not self.secrets
+            or other.tls != self.tls
+            or other.limits != self.limits
+        ):
+            return False
+        moved = {
+            key
+            for key in self.sidecars.keys() | other.sidecars.keys()
+            if self.sidecars.get(key) != other.sidecars.get(key)
+        }
+        return all(
+            endpoint_target(endpoint, self.sidecars, self.world)
+            == endpoint_target(endpoint, other.sidecars, self.world)
+            for key in moved
+            for _svc, _index, endpoint in self.world.endpoints_of(key)
+        )
 
     def identity(self, proxy: Proxy) -> Identity | None:
         """The identity whose secrets ``proxy`` gets (from its pod in the world), or None."""

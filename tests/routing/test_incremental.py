@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import routing
 from mesh import xds
 from mesh.model import (
     Endpoint,
@@ -27,12 +29,13 @@ from mesh.model import (
 from mesh.proxy import Proxy
 from mtls.identity import Identity
 from mtls.secrets import SecretBundle
-from routing import generate
+from routing import generate, incremental
 from routing.endpoints import endpoint_key
 from routing.generator import MeshGenerator
+from routing.incremental import Recent, Translation
 from routing.limits import RateLimitOptions, RlsAddress
 from routing.secure import SecurityOptions
-from tests.routing.factories import gateway, proxy
+from tests.routing.factories import config, endpoint, gateway, proxy, service, world
 
 NAMESPACES = ("a", "b")
 #: (namespace, pod, ip): the pods endpoints may name, and whose sidecars may connect.
@@ -272,3 +275,160 @@ def test_incremental_translation_equals_full_translation(history: list[Step]) ->
             )
             full = generate(step.world, subject, step.sidecars, tls=TLS, limits=step.limits)
             assert _serialized(generator.generate(who)) == _serialized(full), who.node_id
+
+
+# --- what is shared, and what is kept -------------------------------------------------------
+
+
+def _two_services(timeout: float = 60.0, *, ready: bool = True) -> World:
+    """``a/m`` (pods p0, p1) and ``b/n`` (pod p0 of b); every pod declares its sidecar."""
+    m = service(
+        "m",
+        "a",
+        cfg=config(callers=["b/*"], max_concurrency=4, timeouts={Priority.SHEDDABLE: timeout}),
+        endpoints=[
+            endpoint("10.0.0.1", pod="p0", namespace="a", gpu=True),
+            endpoint("10.0.0.2", pod="p1", namespace="a", gpu=True, ready=ready),
+        ],
+    )
+    n = service("n", "b", endpoints=[endpoint("10.0.1.1", pod="p0", namespace="b")])
+    workloads = {
+        (ns, pod): Workload(ns, pod, service_account="sa0", ip=ip, sidecar=True)
+        for ns, pod, ip in PODS
+    }
+    return dataclasses.replace(world(m, n), workloads=MappingProxyType(workloads))
+
+
+def _generations(*worlds: World) -> list[list[dict[str, Any]]]:
+    """Each proxy's output (in :func:`_proxies`' order) per generation, through one chain of
+    generators."""
+    out = []
+    generator: MeshGenerator | None = None
+    for the_world in worlds:
+        generator = MeshGenerator(the_world, {}, FakeSecrets(), tls=TLS, previous=generator)
+        out.append([dict(generator.generate(p)) for p in _proxies()])
+    return out
+
+
+def test_an_endpoint_turning_unready_shares_every_object_but_its_load_assignment() -> None:
+    before, after = _generations(_two_services(), _two_services(ready=False))
+    changed = "outbound|8000|standard|m.a.svc.cluster.local"
+    for who, resources, earlier in zip(_proxies(), after, before, strict=True):
+        for type_url in (xds.CLUSTER, xds.ROUTE, xds.LISTENER):
+            assert resources[type_url] is earlier[type_url], (who.node_id, type_url)
+        old = {m.cluster_name: m for m in earlier[xds.ENDPOINT]}
+        for assignment in resources[xds.ENDPOINT]:
+            same = assignment is old[assignment.cluster_name]
+            assert same == ("|m.a." not in assignment.cluster_name), assignment.cluster_name
+        assert any(a.cluster_name == changed for a in resources[xds.ENDPOINT])
+
+
+def test_an_annotation_translates_that_service_again_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    translated: list[str] = []
+    real = routing.service_vhosts
+
+    def counting(svc: InferenceService, proxy: Proxy) -> list[Any]:
+        translated.append(svc.name)
+        return real(svc, proxy)
+
+    monkeypatch.setattr(routing, "service_vhosts", counting)
+    generator = MeshGenerator(_two_services(), {}, FakeSecrets(), tls=TLS)
+    for who in _proxies():
+        generator.generate(who)
+    assert set(translated) == {"m", "n"}
+    translated.clear()
+    generator = MeshGenerator(
+        _two_services(timeout=30), {}, FakeSecrets(), tls=TLS, previous=generator
+    )
+    for who in _proxies():
+        generator.generate(who)
+    # Once per kind of caller of m (namespace, clamp, gateway or not), never for n.
+    assert translated and set(translated) == {"m"}
+    assert len(translated) <= 4
+
+
+def test_a_sidecar_connecting_as_declared_translates_nothing_again() -> None:
+    declared = _two_services()
+    generator = MeshGenerator(declared, {}, FakeSecrets(), tls=TLS)
+    first = [generator.generate(p) for p in _proxies()]
+    connected = {("a", "p0"): proxy(namespace="a", pod="p0", ip="10.0.0.1")}
+    generator = MeshGenerator(declared, connected, FakeSecrets(), tls=TLS, previous=generator)
+    for who, earlier in zip(_proxies(), first, strict=True):
+        again = generator.generate(who)
+        assert all(again[t] is earlier[t] for t in again if t != xds.SECRET), who.node_id
+
+
+def test_entries_are_kept_for_the_services_of_the_current_world_only() -> None:
+    translation = Translation()
+    both = _two_services()
+    view = translation.view(both, {})
+    for who in _proxies():
+        view.generate(who)
+    assert set(translation.entries) == {("a", "m"), ("b", "n")}
+    kept = translation.entries[("b", "n")]
+    only_n = dataclasses.replace(both, services=both.services[1:])
+    translation.view(only_n, {})
+    assert set(translation.entries) == {("b", "n")}
+    assert translation.entries[("b", "n")] is kept  # unchanged: its parts are kept too
+    changed = dataclasses.replace(
+        only_n, services=(dataclasses.replace(both.services[1], uid="other"),)
+    )
+    translation.view(changed, {})
+    assert translation.entries[("b", "n")] is not kept
+
+
+def test_a_services_parts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client claiming ever new identities adds parts to a globally limited Service, up
+    to the bound."""
+    monkeypatch.setattr(incremental, "MAX_PARTS_PER_SERVICE", 8)
+    svc = service(
+        "m",
+        "a",
+        cfg=dataclasses.replace(
+            config(), global_rate_limit=MappingProxyType({Priority.SHEDDABLE: 1.0})
+        ),
+    )
+    limits = RateLimitOptions(rls=RlsAddress("10.99.0.1", 8081))
+    view = Translation().view(world(svc), {}, limits=limits)
+    for i in range(40):
+        view.generate(proxy(namespace="a", pod=f"c{i}", service_account=f"sa{i}"))
+    (entry,) = view.entries
+    assert 0 < len(entry.parts) <= 8
+
+
+def test_recent_keeps_what_the_last_two_generations_used() -> None:
+    recent = Recent(maxsize=4)
+    recent.put("old", 1)
+    recent.put("used", 2)
+    recent.rotate()
+    assert recent.get("used") == 2  # used again: kept into this generation
+    recent.rotate()
+    assert recent.get("old") is None
+    assert recent.get("used") == 2
+    for i in range(20):
+        recent.put(i, i)
+    assert len(recent) <= 8
+
+
+def test_sidecars_that_move_no_endpoint_make_no_new_routing() -> None:
+    """What lets a storm of reconnecting sidecars cost no generation per debounce."""
+    declared = _two_services()
+    undeclared = dataclasses.replace(declared, workloads=MappingProxyType({}))
+    p0 = proxy(namespace="a", pod="p0", ip="10.0.0.1")
+
+    def same(the_world: World, before: dict[Any, Proxy], after: dict[Any, Proxy]) -> bool:
+        first = MeshGenerator(the_world, before, tls=TLS)
+        return MeshGenerator(the_world, after, tls=TLS, previous=first).same_routing_as(first)
+
+    client = {("a", "client"): proxy(namespace="a", pod="client", ip="10.5.0.1")}
+    assert same(declared, {}, client)
+    assert same(undeclared, {}, client)
+    assert same(declared, {}, {("a", "p0"): p0})
+    assert not same(undeclared, {}, {("a", "p0"): p0})
+    moved = dataclasses.replace(p0, inbound_port=15106)
+    assert not same(declared, {("a", "p0"): p0}, {("a", "p0"): moved})
+    first = MeshGenerator(declared, {}, tls=TLS)
+    assert not MeshGenerator(_two_services(timeout=1), {}, tls=TLS).same_routing_as(first)
+    assert not MeshGenerator(declared, {}, tls=SecurityOptions()).same_routing_as(first)
