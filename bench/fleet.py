@@ -55,13 +55,18 @@ class FleetShape:
     gateway_every: int = 100
     #: One Delta stream per this many proxies; the rest are SotW.
     delta_every: int = 4
+    #: The inference Services are ``adaptive``: the control plane scrapes every model pod's
+    #: metrics each second (here nothing answers, so every scrape fails and no multiplier
+    #: moves). Off, the same fleet measures the control plane without that load.
+    adaptive: bool = True
 
     @classmethod
-    def scaled(cls, proxies: int) -> FleetShape:
+    def scaled(cls, proxies: int, *, adaptive: bool = True) -> FleetShape:
         """The default proportions for ``proxies`` (at least one of everything)."""
         f = proxies / cls.proxies
         return cls(
             proxies=proxies,
+            adaptive=adaptive,
             namespaces=max(1, round(cls.namespaces * f)),
             services=max(1, round(cls.services * f)),
         )
@@ -183,7 +188,7 @@ def _annotations(k: int, shape: FleetShape) -> dict[str, str]:
         "inferlane.io/critical-callers": f"{a}/sa-1,{b}/*",
         "inferlane.io/rate-limit": "standard=20,sheddable=5",
         "inferlane.io/max-concurrency": "8",
-        "inferlane.io/adaptive": "true",
+        "inferlane.io/adaptive": "true" if shape.adaptive else "false",
         "inferlane.io/timeout": "critical=30s,sheddable=120s",
     }
 
