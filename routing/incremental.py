@@ -53,7 +53,6 @@ caches for the rest, past whose bounds parts are translated again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -304,16 +303,14 @@ class TranslationView:
         self._joined_parts: dict[Hashable, Part] = {}
 
     def same_parts_as(self, other: TranslationView | None) -> bool:
-        """Whether every proxy gets the same config from this view as from ``other``:
-        the same Services with the same inputs, under the same options."""
+        """Whether every proxy gets the same config from this view as from ``other``: the
+        same Service entries (new options make new entries), so the same parts. The
+        adaptive multipliers, which only a pod's own inbound side reads, are in the
+        generator's routing key instead."""
         return (
             other is not None
             and other.translation is self.translation
-            and other.tls == self.tls
-            and dataclasses.replace(other.limits, multipliers={}, weights={})
-            == dataclasses.replace(self.limits, multipliers={}, weights={})
-            and len(other.entries) == len(self.entries)
-            and all(a is b for a, b in zip(other.entries, self.entries, strict=True))
+            and other.entries == self.entries
         )
 
     # -- one proxy ------------------------------------------------------------------
@@ -420,7 +417,12 @@ class TranslationView:
         )
 
     def _frame(self, proxy: Proxy, route: Part) -> tuple[Part, Part]:
-        """(the outbound listener, the clusters the passes add for it: the RLS cluster)."""
+        """(the outbound listener, the clusters the passes add for it: the RLS cluster).
+
+        What the passes add to the listener depends on the route configuration it serves
+        (a global rate-limit filter when a route is limited), so they are given it; its
+        virtual hosts went through the passes already, and the passes leave what they
+        added alone when run again. Only the listener and the clusters are kept."""
         out = self._passes(
             {
                 xds.LISTENER: [routing.frame(proxy)],
@@ -436,9 +438,10 @@ class TranslationView:
 
     def _clusters(self, entry: ServiceEntry, proxy: Proxy, has_identity: bool) -> Part:
         def build() -> Part:
-            cluster_list, _ = routing.service_clusters(
+            cluster_list, assignments = routing.service_clusters(
                 entry.svc, self.world, self.sidecars, self.limits.weights, proxyless=proxy.proxyless
             )
+            entry.part(("assignments",), lambda: self.translation.canonical(assignments))
             return self.translation.canonical(
                 self._passes({xds.CLUSTER: cluster_list}, proxy)[xds.CLUSTER]
             )
@@ -446,6 +449,9 @@ class TranslationView:
         return entry.part(("clusters", proxy.proxyless, has_identity), build)
 
     def _assignments(self, entry: ServiceEntry) -> Part:
+        """A Service's load assignments, the same for every proxy (made with its clusters,
+        which are always made first)."""
+
         def build() -> Part:
             _, assignments = routing.service_clusters(
                 entry.svc, self.world, self.sidecars, self.limits.weights, proxyless=False
