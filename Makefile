@@ -23,6 +23,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: venv
+	$(BIN)/python -m bench.translation --fleet 1000,10000
 	$(BIN)/python -m bench.convergence
 	$(BIN)/python -m bench.tls
 	$(BIN)/python -m bench.priority --duration 15 --warmup 3

@@ -353,6 +353,11 @@ def main() -> None:
     fleet.add_argument("--client-processes", type=int, default=2)
     fleet.add_argument("--rate", type=float, default=2000, help="streams opened per second")
     fleet.add_argument("--timeout", type=float, default=300, help="seconds any one wait may take")
+    fleet.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="the fleet's Services without adaptive limits (no scraping of the model pods)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
@@ -376,6 +381,7 @@ def main() -> None:
                     client_processes=a.client_processes,
                     rate=a.rate,
                     timeout=a.timeout,
+                    adaptive=not a.no_adaptive,
                 )
             )
             out += [dataclasses.asdict(r) for r in fleet_results]

@@ -10,7 +10,9 @@ The default shape, scaled down in proportion by ``proxies``:
 * 1 % of the proxies are gateways (``router~``), one per namespace;
 * the rest are client sidecars, their pods spread over the namespace's service accounts;
 * every pod is in the world, so every sidecar and gateway has a workload identity and
-  its own certificate (mTLS on);
+  its own certificate (mTLS on); the model and client pods carry the sidecar container
+  ``inferlane inject`` adds, so endpoints are addressed through their sidecars from the
+  start, as in a cluster where injection is on;
 * one proxy in ``delta_every`` speaks Delta ADS, the others State of the World.
 
 Pod addresses are loopback addresses (``127.100.0.0/14``): nothing here may address
@@ -29,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mesh.model import SIDECAR_CONTAINER
+from xds_server.sidecar.inject import ENVOY_IMAGE
 
 #: The Service port every model Service exposes, and the pods' container port.
 MODEL_PORT = 8000
@@ -50,13 +55,18 @@ class FleetShape:
     gateway_every: int = 100
     #: One Delta stream per this many proxies; the rest are SotW.
     delta_every: int = 4
+    #: The inference Services are ``adaptive``: the control plane scrapes every model pod's
+    #: metrics each second (here nothing answers, so every scrape fails and no multiplier
+    #: moves). Off, the same fleet measures the control plane without that load.
+    adaptive: bool = True
 
     @classmethod
-    def scaled(cls, proxies: int) -> FleetShape:
+    def scaled(cls, proxies: int, *, adaptive: bool = True) -> FleetShape:
         """The default proportions for ``proxies`` (at least one of everything)."""
         f = proxies / cls.proxies
         return cls(
             proxies=proxies,
+            adaptive=adaptive,
             namespaces=max(1, round(cls.namespaces * f)),
             services=max(1, round(cls.services * f)),
         )
@@ -143,16 +153,19 @@ def pod_ip(i: int) -> str:
     return f"127.{100 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}"
 
 
-def _pod(name: str, ns: str, ip: str, sa: str, labels: Obj, *, gpu: bool) -> Obj:
+def _pod(name: str, ns: str, ip: str, sa: str, labels: Obj, *, gpu: bool, sidecar: bool) -> Obj:
     container: Obj = {"name": "main", "image": "example.com/app:1"}
     if gpu:
         container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
         container["ports"] = [{"name": PORT_NAME, "containerPort": MODEL_PORT}]
+    containers = [container]
+    if sidecar:
+        containers.append({"name": SIDECAR_CONTAINER, "image": ENVOY_IMAGE})
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
-        "spec": {"serviceAccountName": sa, "containers": [container]},
+        "spec": {"serviceAccountName": sa, "containers": containers},
         "status": {
             "phase": "Running",
             "podIP": ip,
@@ -175,7 +188,7 @@ def _annotations(k: int, shape: FleetShape) -> dict[str, str]:
         "inferlane.io/critical-callers": f"{a}/sa-1,{b}/*",
         "inferlane.io/rate-limit": "standard=20,sheddable=5",
         "inferlane.io/max-concurrency": "8",
-        "inferlane.io/adaptive": "true",
+        "inferlane.io/adaptive": "true" if shape.adaptive else "false",
         "inferlane.io/timeout": "critical=30s,sheddable=120s",
     }
 
@@ -228,20 +241,20 @@ def build_fleet(shape: FleetShape) -> Fleet:
         objects = [_service(k, shape)]
         for j in range(shape.pods_per_service):
             pod, ip = f"{name}-{j}", pod_ip(index)
-            objects.append(_pod(pod, ns, ip, "sa-0", {"app": name}, gpu=True))
+            objects.append(_pod(pod, ns, ip, "sa-0", {"app": name}, gpu=True, sidecar=True))
             add("sidecar", "model", ns, pod, ip, sa="sa-0")
         fleet.files[fleet.service_file(k)] = objects
     per_ns: dict[str, list[Obj]] = {namespace(i): [] for i in range(shape.namespaces)}
     for g in range(shape.gateways):
         ns = namespace(g % shape.namespaces)
         pod, ip = f"gateway-{g}", pod_ip(index)
-        per_ns[ns].append(_pod(pod, ns, ip, "sa-9", {"app": "gateway"}, gpu=False))
+        per_ns[ns].append(_pod(pod, ns, ip, "sa-9", {"app": "gateway"}, gpu=False, sidecar=False))
         add("router", "gateway", ns, pod, ip, sa="sa-9")
     for c in range(shape.clients):
         ns = namespace(c % shape.namespaces)
         sa = f"sa-{(c // shape.namespaces) % shape.accounts_per_namespace}"
         pod, ip = f"client-{c}", pod_ip(index)
-        per_ns[ns].append(_pod(pod, ns, ip, sa, {"app": f"client-{sa}"}, gpu=False))
+        per_ns[ns].append(_pod(pod, ns, ip, sa, {"app": f"client-{sa}"}, gpu=False, sidecar=True))
         add("sidecar", "client", ns, pod, ip, sa=sa)
     for ns, objects in per_ns.items():
         fleet.files[f"{ns}.yaml"] = objects

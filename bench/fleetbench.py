@@ -367,8 +367,9 @@ async def run_fleet(
     client_processes: int,
     rate: float,
     timeout: float,  # noqa: ASYNC109
+    adaptive: bool = True,
 ) -> list[FleetResult]:
-    fleet = build_fleet(FleetShape.scaled(proxies))
+    fleet = build_fleet(FleetShape.scaled(proxies, adaptive=adaptive))
     results: list[FleetResult] = []
     with tempfile.TemporaryDirectory(prefix="inferlane-fleet-") as tmp:
         workdir = Path(tmp)

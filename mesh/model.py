@@ -332,3 +332,35 @@ class World:
             if workload.ip:
                 found.setdefault(workload.ip, []).append(workload)
         return {ip: tuple(pods) for ip, pods in found.items()}
+
+    def endpoints_of(
+        self, pod_key: tuple[str, str] | None, ip: str | None = None
+    ) -> tuple[Owned, ...]:
+        """The endpoints on one pod, with their Services and their place in the Service's
+        list: those naming the pod, and (given its ``ip``) those there that name no pod."""
+        named = self._endpoints_by_pod.get(pod_key, ()) if pod_key is not None else ()
+        if ip is None:
+            return named
+        return named + self._endpoints_by_address.get(ip, ())
+
+    @functools.cached_property
+    def _endpoints_by_pod(self) -> Mapping[tuple[str, str], tuple[Owned, ...]]:
+        found: dict[tuple[str, str], list[Owned]] = {}
+        for svc in self.services:
+            for index, endpoint in enumerate(svc.endpoints):
+                if endpoint.pod_key is not None:
+                    found.setdefault(endpoint.pod_key, []).append((svc, index, endpoint))
+        return {key: tuple(owned) for key, owned in found.items()}
+
+    @functools.cached_property
+    def _endpoints_by_address(self) -> Mapping[str, tuple[Owned, ...]]:
+        found: dict[str, list[Owned]] = {}
+        for svc in self.services:
+            for index, endpoint in enumerate(svc.endpoints):
+                if endpoint.pod_key is None:
+                    found.setdefault(endpoint.address, []).append((svc, index, endpoint))
+        return {ip: tuple(owned) for ip, owned in found.items()}
+
+
+#: An endpoint with its Service and its index in the Service's endpoints.
+Owned = tuple[InferenceService, int, Endpoint]

@@ -23,6 +23,10 @@ PUSH_ORDER: Final[tuple[str, ...]] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 #: Types for which an empty first request means "everything" (the legacy wildcard).
 WILDCARD_TYPES: Final = frozenset({LISTENER, CLUSTER})
+#: The types whose State-of-the-World responses must carry every resource: a client
+#: deletes what a response of these leaves out, and keeps it for the other types (the
+#: xDS protocol, "Grouping Resources into Responses").
+FULL_STATE_TYPES: Final = frozenset({LISTENER, CLUSTER})
 
 SHORT_NAMES: Final = {
     LISTENER: "LDS",

@@ -27,8 +27,10 @@ refused the moment it would be attached to a connection.
 Callers do not cap a class themselves: with N callers, a per-caller cap lets a class
 hold N times its share of a pod. They keep a cap only for a Service port some of whose
 endpoints are reached without a sidecar (nothing else would cap those), and then only as
-a best effort, per caller. Instead they bound retries: standard and sheddable retry
-within a retry budget, so refusals under overload cannot turn into a retry storm.
+a best effort, per caller, sized on the endpoints whether ready or not (so that an
+endpoint going unready changes its load assignment, never a cluster). Instead they bound
+retries: standard and sheddable retry within a retry budget, so refusals under overload
+cannot turn into a retry storm.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _budgeted(priority: Priority, limits: Limits) -> Limits:
 def caller_limits(
     config: ServiceConfig, priority: Priority, targets: Sequence[endpoints.Target]
 ) -> Limits:
-    """The caller's thresholds of ``priority``'s outbound cluster.
+    """The caller's thresholds of ``priority``'s outbound cluster, for a Service port whose
+    reachable endpoints, ready or not, are ``targets``.
 
     Generous, with the lower classes' retry budget, when every target is an endpoint's
     sidecar (which admits the class itself). Otherwise the class's cap per endpoint
@@ -106,6 +109,13 @@ def caller_limits(
     fallback takes traffic only when none is healthy), at least 1. Upstream connections
     are HTTP/1.1, one request each, so connections and pending requests get the same cap;
     concurrent retries a quarter of it, so retries cannot double the load.
+
+    Counted whether ready or not: readiness flaps (a probe failing under load) must move
+    the load assignment only. A changed cluster is re-warmed by every caller's Envoy, its
+    connection pools rebuilt, and it is sent to every proxy with its endpoints; and this
+    cap is only a per-caller best effort for endpoints without a sidecar (with N callers,
+    a class may hold N times its share there), not the admission, which each endpoint's
+    sidecar does.
     """
     per_endpoint = config.concurrency_for(priority)
     if per_endpoint is None or all(t.via_sidecar for t in targets):
@@ -194,7 +204,8 @@ def outbound_cluster(
     *,
     proxyless: bool = False,
 ) -> Any:
-    """``outbound|PORT|CLASS|HOST``: EDS over ADS, least-request, no panic spill.
+    """``outbound|PORT|CLASS|HOST``: EDS over ADS, least-request, no panic spill; its
+    thresholds from ``targets``, the port's reachable endpoints (:func:`caller_limits`).
 
     ``healthy_panic_threshold`` 0 disables Envoy's panic mode, which would otherwise send
     traffic to unhealthy GPU hosts (and never to the fallback) once under half of a

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -25,8 +25,8 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from mesh.model import Endpoint, InferenceService, MtlsMode
-from mesh.proxy import Proxy
+from mesh.model import Endpoint, InferenceService, MtlsMode, World
+from mesh.proxy import DEFAULT_INBOUND_PORT, Proxy
 
 #: Envoy computes each priority's health as
 #:     min(100, overprovisioning_factor * healthy_hosts / hosts)
@@ -84,7 +84,7 @@ class Target:
     address: str
     port: int
     gpu: bool
-    #: Reached through the pod's connected sidecar (its inbound listener), not directly.
+    #: Reached through the pod's sidecar (its inbound listener, over mTLS), not directly.
     via_sidecar: bool
     #: Its EDS weight (:func:`queue_weight`).
     weight: int = FULL_WEIGHT
@@ -98,45 +98,79 @@ def _is_wildcard(address: str) -> bool:
 
 
 def endpoint_target(
-    endpoint: Endpoint, sidecars: Mapping[tuple[str, str], Proxy], weight: int = FULL_WEIGHT
+    endpoint: Endpoint,
+    sidecars: Mapping[tuple[str, str], Proxy],
+    world: World,
+    weight: int = FULL_WEIGHT,
 ) -> Target:
-    """Address ``endpoint`` through its pod's connected sidecar if there is one.
+    """Where ``endpoint``'s traffic goes: its pod's sidecar, when the pod has one.
 
-    The sidecar's inbound listener listens on its bind address: the pod IP (the
+    A pod has a sidecar when one of it is connected, or when its manifest declares one
+    (:attr:`Workload.sidecar <mesh.model.Workload.sidecar>`, the container ``inferlane
+    inject`` adds), as Istio decides mTLS by the pod's injection rather than by a live
+    connection: so a control plane that restarts, or a sidecar that reconnects, changes
+    no address. A connected sidecar's own settings win (its inbound port and bind address,
+    from its node metadata); a declared one that is not connected yet has the injected
+    defaults. The sidecar's inbound listener listens on its bind address: the pod IP (the
     endpoint's address) when that is a wildcard, else the bind address itself.
     """
     key = endpoint.pod_key
-    sidecar = sidecars.get(key) if key is not None else None
-    if sidecar is None or sidecar.is_gateway or sidecar.proxyless:
+    if key is None:
         return Target(endpoint.address, endpoint.port, endpoint.gpu, False, weight)
-    address = endpoint.address if _is_wildcard(sidecar.bind_address) else sidecar.bind_address
-    return Target(address, sidecar.inbound_port, endpoint.gpu, True, weight)
+    sidecar = sidecars.get(key)
+    if sidecar is not None and not sidecar.is_gateway and not sidecar.proxyless:
+        bind = sidecar.bind_address
+        address = endpoint.address if _is_wildcard(bind) else bind
+        return Target(address, sidecar.inbound_port, endpoint.gpu, True, weight)
+    workload = world.workloads.get(key)
+    if workload is not None and workload.sidecar:
+        return Target(endpoint.address, DEFAULT_INBOUND_PORT, endpoint.gpu, True, weight)
+    return Target(endpoint.address, endpoint.port, endpoint.gpu, False, weight)
+
+
+def endpoint_targets(
+    svc: InferenceService,
+    port: int,
+    sidecars: Mapping[tuple[str, str], Proxy],
+    world: World,
+    weights: Mapping[str, int] | None = None,
+) -> tuple[tuple[Endpoint, Target], ...]:
+    """Every endpoint of ``svc``'s ``port`` that can be reached, ready or not, with its
+    target: all of them, except that a ``strict`` Service's endpoints without a sidecar
+    are left out (they could only be reached in plaintext, which strict refuses).
+    ``weights`` (by :func:`endpoint_key`) are the queue weights; absent ones are full."""
+    strict = svc.config.mtls is MtlsMode.STRICT
+    found = []
+    for endpoint in svc.endpoints_for(port):
+        weight = weights.get(endpoint_key(endpoint), FULL_WEIGHT) if weights else FULL_WEIGHT
+        target = endpoint_target(endpoint, sidecars, world, weight)
+        if strict and not target.via_sidecar:
+            continue
+        found.append((endpoint, target))
+    return tuple(found)
+
+
+def distinct(targets: Iterable[Target]) -> tuple[Target, ...]:
+    """One target per address and port (GPU-backed if any endpoint there is), GPU-backed
+    first, then by address."""
+    chosen: dict[tuple[str, int], Target] = {}
+    for target in targets:
+        key = (target.address, target.port)
+        if key not in chosen or (target.gpu and not chosen[key].gpu):
+            chosen[key] = target
+    return tuple(sorted(chosen.values(), key=lambda t: (not t.gpu, t.address, t.port)))
 
 
 def serving_targets(
     svc: InferenceService,
     port: int,
     sidecars: Mapping[tuple[str, str], Proxy],
+    world: World,
     weights: Mapping[str, int] | None = None,
 ) -> tuple[Target, ...]:
-    """The targets that get ``svc``'s ``port`` traffic, GPU-backed first, then by address.
-
-    Unready endpoints are left out. So, for a ``strict`` Service, are endpoints without a
-    connected sidecar: they could only be reached in plaintext, which strict refuses.
-    ``weights`` (by :func:`endpoint_key`) are the queue weights; absent ones are full.
-    """
-    chosen: dict[tuple[str, int], Target] = {}
-    for endpoint in svc.endpoints_for(port):
-        if not endpoint.ready:
-            continue
-        weight = weights.get(endpoint_key(endpoint), FULL_WEIGHT) if weights else FULL_WEIGHT
-        target = endpoint_target(endpoint, sidecars, weight)
-        if svc.config.mtls is MtlsMode.STRICT and not target.via_sidecar:
-            continue
-        key = (target.address, target.port)
-        if key not in chosen or (target.gpu and not chosen[key].gpu):
-            chosen[key] = target
-    return tuple(sorted(chosen.values(), key=lambda t: (not t.gpu, t.address, t.port)))
+    """The targets that get ``svc``'s ``port`` traffic: those of its ready endpoints
+    (:func:`endpoint_targets`), GPU-backed first, then by address."""
+    return distinct(t for e, t in endpoint_targets(svc, port, sidecars, world, weights) if e.ready)
 
 
 def _lb_endpoint(target: Target, weighted: bool) -> Any:

@@ -113,7 +113,7 @@ def _excluded(svc: InferenceService, port: int, served: set[str]) -> list[dict[s
         reason = (
             "not ready"
             if not endpoint.ready
-            else "mtls: strict, and the pod has no connected sidecar to terminate mTLS"
+            else "mtls: strict, and the pod has no sidecar (declared or connected) for mTLS"
         )
         out.append(
             {

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 
-import routing
 from mesh import xds
 from mesh.model import World
 from mesh.proxy import Proxy
 from mtls.identity import Identity, workload_identity
 from mtls.secrets import SecretBundle
+from routing.endpoints import endpoint_target
+from routing.incremental import Translation, TranslationView
 from routing.limits import RateLimitOptions, limit_key
 from routing.secure import SecurityOptions
 
@@ -44,10 +45,14 @@ class MeshGenerator:
     Each identity's secrets are looked up once per generation, by :meth:`generate`, so
     every proxy of one generation sees the same certificate; :meth:`key` never looks them
     up, so the event loop never waits for a certificate to be signed (the cache runs
-    ``generate`` on its worker thread). Routing output is memoized per routing key and
-    shared with the next generation when only secrets changed (same world, same sidecars):
-    a renewal then costs the secrets, not a re-translation. The memo is bounded
-    (:data:`MAX_MEMOIZED_TRANSLATIONS`).
+    ``generate`` on its worker thread).
+
+    Translation is incremental (:mod:`routing.incremental`): the :class:`Translation`
+    passes from each generation to the next, keeping every Service's parts while its
+    inputs are unchanged, so a change costs what it changes. On top of it, each routing
+    key's whole output is memoized, and shared with the next generation when no Service's
+    inputs changed (a renewal, a sidecar reconnecting): that costs the secrets alone. The
+    memo is bounded (:data:`MAX_MEMOIZED_TRANSLATIONS`).
     """
 
     def __init__(
@@ -66,23 +71,69 @@ class MeshGenerator:
         self.secrets = secrets
         self.tls = tls or SecurityOptions()
         self.limits = limits or RateLimitOptions()
-        self._backend_pods = {
-            e.pod_key for svc in world.services for e in svc.endpoints if e.pod_key is not None
-        }
-        self._backend_ips = {e.address for svc in world.services for e in svc.endpoints}
         self._bundles: dict[Identity, SecretBundle] = {}
-        same_input = (
-            previous is not None
-            and previous.world is world
-            and previous.tls == self.tls
-            and previous.sidecars == self.sidecars
-            # Adaptive multipliers are in the routing key of the proxies that read them, so
-            # a step of one endpoint re-translates that endpoint's sidecar alone.
-            and dataclasses.replace(previous.limits, multipliers={})
-            == dataclasses.replace(self.limits, multipliers={})
+        self._memo_size = memo_size
+        self.translation: Translation = (
+            previous.translation if previous is not None else Translation()
         )
-        self._routing: LRUCache[Hashable, Mapping[str, Sequence[Any]]] = (
-            previous._routing if previous is not None and same_input else LRUCache(memo_size)
+        # Set by the first translation, on the cache's worker thread. Until then the
+        # generation before (or the last one that translated) is kept to inherit from; not
+        # the whole chain, should several generations never translate.
+        self._view: TranslationView | None = None
+        self._routing: LRUCache[Hashable, Mapping[str, Sequence[Any]]] | None = None
+        self._inherit: tuple[TranslationView | None, LRUCache[Hashable, Any] | None] = (
+            (None, None) if previous is None else previous._inheritance()
+        )
+
+    def _inheritance(self) -> tuple[TranslationView | None, LRUCache[Hashable, Any] | None]:
+        view, routing_memo = self._view, self._routing
+        if view is None or routing_memo is None:
+            return self._inherit
+        return view, routing_memo
+
+    def _translated(self) -> tuple[TranslationView, LRUCache[Hashable, Any]]:
+        """This generation's translation, made on first use (on the worker thread)."""
+        view, memo = self._view, self._routing
+        if view is None or memo is None:
+            previous_view, previous_memo = self._inherit
+            view = self.translation.view(self.world, self.sidecars, self.tls, self.limits)
+            same = previous_memo is not None and view.same_parts_as(previous_view)
+            memo = (
+                previous_memo if same and previous_memo is not None else LRUCache(self._memo_size)
+            )
+            self._routing = memo
+            self._view = view
+            self._inherit = (None, None)
+        return view, memo
+
+    def same_routing_as(self, other: MeshGenerator | None) -> bool:
+        """Whether every proxy gets the same listeners, routes, clusters and endpoints from
+        this generation as from ``other`` (secrets aside: the store renews them in place).
+
+        True when only the connected sidecars differ, and none of those that connected or
+        left changes how an endpoint is reached: a client's sidecar, or the sidecar a pod
+        declares connecting with the ports it was expected to have. Cheap (it looks at
+        those sidecars' endpoints only), so a connection storm need not make a generation
+        per debounce for nothing.
+        """
+        if (
+            other is None
+            or other.world is not self.world
+            or other.secrets is not self.secrets
+            or other.tls != self.tls
+            or other.limits != self.limits
+        ):
+            return False
+        moved = {
+            key
+            for key in self.sidecars.keys() | other.sidecars.keys()
+            if self.sidecars.get(key) != other.sidecars.get(key)
+        }
+        return all(
+            endpoint_target(endpoint, self.sidecars, self.world)
+            == endpoint_target(endpoint, other.sidecars, self.world)
+            for key in moved
+            for _svc, _index, endpoint in self.world.endpoints_of(key)
         )
 
     def identity(self, proxy: Proxy) -> Identity | None:
@@ -107,9 +158,7 @@ class MeshGenerator:
         This is what lets ten thousand client sidecars share one generated snapshot. The
         rate-limit pass adds the adaptive multipliers of the proxy's own endpoints.
         """
-        backs = (proxy.namespace, proxy.pod_name) in self._backend_pods or (
-            proxy.ip in self._backend_ips
-        )
+        backs = bool(self.world.endpoints_of((proxy.namespace, proxy.pod_name), proxy.ip))
         return (
             proxy.kind,
             proxy.proxyless,
@@ -131,18 +180,18 @@ class MeshGenerator:
         return (self._routing_key(proxy, identity is not None), identity)
 
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
+        """The proxy's resources, as tuples of messages shared with every proxy (and every
+        generation) that gets the same: the cache serializes each once."""
         identity = self.identity(proxy)
+        view, memo = self._translated()
         routing_key = self._routing_key(proxy, identity is not None)
-        resources = self._routing.get(routing_key)
+        resources = memo.get(routing_key)
         if resources is None:
             # Without secrets to send, the proxy must not be given config that waits for them.
             subject = (
                 proxy if identity is not None else dataclasses.replace(proxy, secrets_allowed=False)
             )
-            resources = routing.generate(
-                self.world, subject, self.sidecars, tls=self.tls, limits=self.limits
-            )
-            self._routing[routing_key] = resources
+            resources = memo[routing_key] = view.generate(subject)
         if identity is None:
             return resources
-        return {**resources, xds.SECRET: list(self._bundle(identity).secrets)}
+        return {**resources, xds.SECRET: self._bundle(identity).secrets}

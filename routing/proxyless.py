@@ -39,15 +39,14 @@ def target_routes(svc: InferenceService, port: ServicePort, proxy: Proxy) -> Any
     return routes.route_configuration(target, [vhost])
 
 
-def resources(
-    services: Sequence[InferenceService], proxy: Proxy, *, http_filters: Sequence[Any] = ()
+def service_resources(
+    svc: InferenceService, proxy: Proxy, *, http_filters: Sequence[Any] = ()
 ) -> tuple[list[Any], list[Any]]:
-    """(listeners, route configurations) for every served port of ``services``."""
+    """(listeners, route configurations) of one target per served port of ``svc``."""
     listener_list: list[Any] = []
     route_list: list[Any] = []
-    for svc in services:
-        for port in served_ports(svc):
-            target = names.proxyless_target(svc.hostname, port.port)
-            listener_list.append(target_listener(target, http_filters=http_filters))
-            route_list.append(target_routes(svc, port, proxy))
+    for port in served_ports(svc):
+        target = names.proxyless_target(svc.hostname, port.port)
+        listener_list.append(target_listener(target, http_filters=http_filters))
+        route_list.append(target_routes(svc, port, proxy))
     return listener_list, route_list

@@ -262,6 +262,9 @@ def route_configuration(name: str, virtual_hosts: Iterable[Any]) -> Any:
     for vhost in virtual_hosts:
         domains = [d for d in vhost.domains if d not in claimed]
         claimed.update(domains)
+        if len(domains) == len(vhost.domains):
+            kept.append(vhost)  # copied as it is added
+            continue
         if not domains:
             continue
         copy = route_components_pb2.VirtualHost()

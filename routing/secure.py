@@ -156,11 +156,15 @@ def service_spiffe_ids(
     trust_domain: str,
 ) -> tuple[list[str], bool]:
     """(SPIFFE IDs of the pods serving ``port`` through a sidecar, whether there are any
-    such endpoints). An endpoint whose pod is not in the world adds no ID."""
+    such endpoints). An endpoint whose pod is not in the world adds no ID.
+
+    Ready or not: an unready pod is still one of the Service's servers, and a pod's
+    readiness must change its load assignment only, never the cluster (see
+    :func:`routing.clusters.caller_limits`)."""
     found: set[str] = set()
     via_sidecar = False
     for endpoint in svc.endpoints_for(port):
-        if not endpoint.ready or not endpoints.endpoint_target(endpoint, sidecars).via_sidecar:
+        if not endpoints.endpoint_target(endpoint, sidecars, world).via_sidecar:
             continue
         via_sidecar = True
         key = endpoint.pod_key

@@ -229,7 +229,7 @@ class ControlPlane:
         if self.hub is not None:
             connected |= self.hub.sidecars()
         sidecars = {k: p for k, p in connected.items() if self._identity(p) is not None}
-        self._generator = MeshGenerator(
+        generator = MeshGenerator(
             self.world,
             sidecars,
             self.secrets,
@@ -237,7 +237,13 @@ class ControlPlane:
             limits=self.ratelimits.options(),
             previous=self._generator,
         )
-        self.cache.update(self._generator, push.first_change)
+        if push.reasons.keys() <= {PushReason.PROXY} and generator.same_routing_as(self._generator):
+            # Sidecars came or went without moving an endpoint: every stream keeps its
+            # snapshot, and a connection storm costs no generation per debounce.
+            log.debug("%s changes no proxy's config: nothing to push", push.describe())
+            return
+        self._generator = generator
+        self.cache.update(generator, push.first_change)
         self.xds.push_all(push)
         if self.hub is not None:
             await self.hub.push()

@@ -169,10 +169,72 @@ def test_removed_cluster_is_kept_until_later_types_converge(interner: ResourceIn
     # The EDS state still holds "b" unacknowledged-away, so CDS keeps cluster "b".
     out = s.responses()
     assert [o.type_url for o in out] == [E]
-    assert names_of(parse(out[0].payload)) == ["a"]
+    # Endpoints keep what a response leaves out: "a" did not change, and "b" goes with
+    # its cluster, so the new version carries nothing.
+    assert names_of(parse(out[0].payload)) == []
+    assert parse(out[0].payload).version_info == out[0].version
     s.on_request(sotw(E, ["a", "b"], nonce=out[0].nonce))
     [c2] = s.responses()
     assert c2.type_url == C and names_of(parse(c2.payload)) == ["a"]
+
+
+def test_sotw_endpoints_carry_only_what_changed_since_the_client_answered(
+    interner: ResourceInterner,
+) -> None:
+    """The client keeps the assignments a response leaves out (the xDS protocol: every type
+    but listeners and clusters), so once it has answered, a change carries only itself."""
+    ab = frozenset({"a", "b"})
+    s = sotw_stream(interner, {"a": 1, "b": 1})
+    s.on_request(sotw(E, ["a", "b"]))
+    [first] = s.responses()
+    assert names_of(parse(first.payload)) == ["a", "b"]
+    s.on_request(sotw(E, ["a", "b"], nonce=first.nonce, version=first.version))
+
+    s.set_snapshot(clusters_snapshot(interner, {"a": 2, "b": 1}, generation=2))
+    [change] = s.responses()
+    assert names_of(parse(change.payload)) == ["a"] and change.resources == 1
+    # At the version of everything the client then holds.
+    assert s.snapshot is not None
+    assert parse(change.payload).version_info == change.version == s.snapshot.view(E, ab).version
+
+    s.on_request(sotw(E, ["a", "b"], nonce=change.nonce, version=change.version))
+
+    # Unanswered, what the client holds is not known: the next response carries everything.
+    s.set_snapshot(clusters_snapshot(interner, {"a": 3, "b": 1}, generation=3))
+    [unanswered] = s.responses()
+    assert names_of(parse(unanswered.payload)) == ["a"]
+    s.set_snapshot(clusters_snapshot(interner, {"a": 3, "b": 2}, generation=4))
+    [everything] = s.responses()
+    assert names_of(parse(everything.payload)) == ["a", "b"]
+    # Rejected, it holds what it acknowledged: the next change counts from there.
+    s.on_request(sotw(E, ["a", "b"], nonce=everything.nonce, version=change.version, error="no"))
+    s.set_snapshot(clusters_snapshot(interner, {"a": 2, "b": 4}, generation=5))
+    [after_nack] = s.responses()
+    assert names_of(parse(after_nack.payload)) == ["b"]
+    s.on_request(sotw(E, ["a", "b"], nonce=after_nack.nonce, version=after_nack.version))
+
+    # A name newly asked for in an answer is sent, the others are not.
+    s.set_snapshot(clusters_snapshot(interner, {"a": 5, "b": 4, "c": 1}, generation=6))
+    [pending] = s.responses()
+    assert names_of(parse(pending.payload)) == ["a"]
+    s.on_request(sotw(E, ["a", "b", "c"], nonce=pending.nonce, version=pending.version))
+    [grown] = s.responses()
+    assert names_of(parse(grown.payload)) == ["c"]
+    # A request repeating an answered nonce asks for everything (Envoy re-warming a cluster).
+    s.on_request(sotw(E, ["a", "b", "c"], nonce=grown.nonce, version=grown.version))
+    s.on_request(sotw(E, ["a", "b", "c"], nonce=grown.nonce, version=grown.version))
+    [again] = s.responses()
+    assert names_of(parse(again.payload)) == ["a", "b", "c"]
+
+
+def test_sotw_clusters_always_carry_every_cluster(interner: ResourceInterner) -> None:
+    s = sotw_stream(interner, {"a": 1, "b": 1})
+    s.on_request(sotw(C))
+    [first] = s.responses()
+    s.on_request(sotw(C, nonce=first.nonce, version=first.version))
+    s.set_snapshot(clusters_snapshot(interner, {"a": 2, "b": 1}, generation=2))
+    [change] = s.responses()
+    assert names_of(parse(change.payload)) == ["a", "b"]
 
 
 # -- Delta --------------------------------------------------------------------------

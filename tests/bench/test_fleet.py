@@ -37,6 +37,9 @@ def test_a_scaled_fleet_builds_the_world_it_describes() -> None:
     assert len(world.workloads) == 1_000
     # Every proxy's pod is in the world: every proxy has a workload identity.
     assert all((p.namespace, p.pod) in world.workloads for p in fleet.proxies)
+    # Model and client pods declare the injected sidecar; gateways are proxies themselves.
+    roles = {(p.namespace, p.pod): p.role for p in fleet.proxies}
+    assert all(w.sidecar == (roles[key] != "gateway") for key, w in world.workloads.items())
 
 
 async def test_a_small_fleet_run_times_every_proxy_from_the_input() -> None:

@@ -96,8 +96,8 @@ async def test_annotation_changes_are_live_within_a_second(tmp_path: Path) -> No
 
                 took.append(await _time_until(live, BUDGET_S))
             assert max(took) < BUDGET_S, took
-            # Each push says why it happened: the world changed, a sidecar connected.
+            # Each push says why it happened: here, the world changed. (The client's sidecar
+            # connecting moved no endpoint, so it made no push of its own.)
             assert "inferlane_xds_push_triggers_total" in await admin_text(plane, "/metrics")
             triggers = "inferlane_xds_push_triggers_total"
             assert metric(plane, triggers, reason="world") >= len(changes)
-            assert metric(plane, triggers, reason="proxy") >= 1

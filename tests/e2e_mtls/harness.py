@@ -60,9 +60,16 @@ def inference_service(name: str, annotations: Mapping[str, str] | None = None) -
 
 
 def workload_pod(
-    name: str, *, ip: str, service_account: str, app: str = "", port: int = 0
+    name: str,
+    *,
+    ip: str,
+    service_account: str,
+    app: str = "",
+    port: int = 0,
+    sidecar: bool = False,
 ) -> dict[str, Any]:
-    """A Pod at ``ip`` running as ``service_account``; with ``port`` it serves ``app``."""
+    """A Pod at ``ip`` running as ``service_account``; with ``port`` it serves ``app``;
+    with ``sidecar`` its manifest declares the sidecar, as ``inferlane inject`` writes it."""
     ports = ({"name": PORT_NAME, "containerPort": port, "protocol": "TCP"},) if port else ()
     return pod(
         name,
@@ -71,12 +78,15 @@ def workload_pod(
         service_account=service_account,
         resources={"limits": {"nvidia.com/gpu": 1}} if port else None,
         ports=ports,
+        sidecar=sidecar,
     )
 
 
-def llama_pod(name: str, ip: str, port: int) -> dict[str, Any]:
+def llama_pod(name: str, ip: str, port: int, *, sidecar: bool = False) -> dict[str, Any]:
     """A model server Pod of ``llama`` (service account ``llama``) serving on ip:port."""
-    return workload_pod(name, ip=ip, service_account="llama", app="llama", port=port)
+    return workload_pod(
+        name, ip=ip, service_account="llama", app="llama", port=port, sidecar=sidecar
+    )
 
 
 def write_manifests(path: Path, objects: Iterable[Mapping[str, Any]]) -> None:

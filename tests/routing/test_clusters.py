@@ -10,7 +10,7 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from mesh import xds
-from mesh.model import Priority, ServiceConfig
+from mesh.model import Priority, ServiceConfig, Workload
 from routing import clusters, generate
 from routing.endpoints import Target
 from routing.limits import RateLimitOptions
@@ -67,7 +67,7 @@ def test_callers_cap_a_class_only_for_endpoints_without_a_sidecar(
 
 @pytest.mark.parametrize("priority", list(Priority))
 def test_lower_classes_retry_within_a_budget(priority: Priority) -> None:
-    pods = ("gpu-0", "gpu-1", "cpu-0")
+    pods = ("gpu-0", "gpu-1", "cpu-0", "gpu-2")
     sidecars = {("default", p): proxy(pod=p, ip=f"10.0.0.{i + 1}") for i, p in enumerate(pods)}
     resources = build(llama_world(config(max_concurrency=4)), proxy(), sidecars)
     thresholds = _thresholds(_cluster(resources, cluster_name(priority)))
@@ -108,13 +108,43 @@ def test_caller_thresholds_are_generous_at_high_priority() -> None:
 
 
 def test_lower_classes_get_a_share_of_serving_capacity_without_sidecars() -> None:
-    # Two GPU endpoints serve (the fallback does not count): capacity 4 x 2 = 8.
+    # Three GPU endpoints, one of them unready (the fallback does not count): 4 x 3 = 12.
     resources = build(llama_world(config(max_concurrency=4)), proxy(), {})
     standard = _thresholds(_cluster(resources, cluster_name(Priority.STANDARD)))
     sheddable = _thresholds(_cluster(resources, cluster_name(Priority.SHEDDABLE)))
-    assert standard[base_pb2.DEFAULT].max_requests.value == 6
-    assert standard[base_pb2.DEFAULT].max_pending_requests.value == 6
-    assert sheddable[base_pb2.DEFAULT].max_requests.value == 4
+    assert standard[base_pb2.DEFAULT].max_requests.value == 9
+    assert standard[base_pb2.DEFAULT].max_pending_requests.value == 9
+    assert sheddable[base_pb2.DEFAULT].max_requests.value == 6
+
+
+@pytest.mark.parametrize("sidecar", [False, True])
+def test_an_endpoint_going_unready_changes_its_load_assignments_only(sidecar: bool) -> None:
+    """Readiness moves endpoints, never clusters: not the callers' caps (sized on every
+    reachable endpoint), nor the SPIFFE IDs a cluster's mTLS accepts."""
+    cfg = config(max_concurrency=4)
+    ready = llama_world(cfg)
+    (svc,) = ready.services
+    flipped = dataclasses.replace(
+        svc,
+        endpoints=tuple(
+            dataclasses.replace(e, ready=False) if e.pod_name == "gpu-1" else e
+            for e in svc.endpoints
+        ),
+    )
+    workloads = {
+        ("default", p): Workload("default", p, service_account=p, sidecar=sidecar)
+        for p in ("gpu-0", "gpu-1", "gpu-2", "cpu-0", "client-0")
+    }
+    before = dataclasses.replace(ready, workloads=MappingProxyType(workloads))
+    after = dataclasses.replace(before, services=(flipped,))
+    first, second = build(before, proxy(), {}), build(after, proxy(), {})
+    for type_url in (xds.CLUSTER, xds.ROUTE, xds.LISTENER):
+        assert _serialized(first[type_url]) == _serialized(second[type_url]), type_url
+    assert _serialized(first[xds.ENDPOINT]) != _serialized(second[xds.ENDPOINT])
+
+
+def _serialized(messages: list[Any]) -> list[bytes]:
+    return [m.SerializeToString(deterministic=True) for m in messages]
 
 
 def test_proxyless_clusters_are_round_robin_without_http1_options() -> None:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from mesh import xds
-from mesh.model import MtlsMode, Priority
+from mesh.model import MtlsMode, Priority, Workload, World
+from mesh.proxy import DEFAULT_INBOUND_PORT
 from routing import endpoints, generate, simulate
 from routing.limits import RateLimitOptions
 from routing.simulate import SimEndpoint
@@ -71,6 +73,45 @@ def test_pods_with_a_connected_sidecar_are_addressed_at_its_inbound_port() -> No
     resources = build(llama_world(), proxy(), sidecars)
     assert _endpoints(resources)[0] == SimEndpoint("10.0.0.1", 15106, 0, via_sidecar=True)
     assert _endpoints(resources)[1] == SimEndpoint("10.0.0.2", 9000, 0, via_sidecar=False)
+
+
+def _declaring(the_world: World, *pods: str) -> World:
+    """``the_world`` with a Pod for each of ``pods`` whose manifest declares the sidecar."""
+    workloads = {
+        ("default", p): Workload("default", p, service_account=p, sidecar=True) for p in pods
+    }
+    return dataclasses.replace(the_world, workloads=MappingProxyType(workloads))
+
+
+def test_a_pod_that_declares_a_sidecar_is_reached_through_it_before_it_connects() -> None:
+    """As Istio decides mTLS by injection: the declared sidecar's default inbound port,
+    at the pod's IP, whether or not that sidecar is connected."""
+    resources = build(_declaring(llama_world(), "gpu-0"), proxy(), {})
+    assert _endpoints(resources)[0] == SimEndpoint("10.0.0.1", DEFAULT_INBOUND_PORT, 0, True)
+    assert _endpoints(resources)[1] == SimEndpoint("10.0.0.2", 9000, 0, via_sidecar=False)
+    # A strict Service keeps it: its sidecar terminates mTLS.
+    strict = build(_declaring(llama_world(config(mtls=MtlsMode.STRICT)), "gpu-0"), proxy(), {})
+    assert _endpoints(strict) == (SimEndpoint("10.0.0.1", DEFAULT_INBOUND_PORT, 0, True),)
+
+
+def test_a_declared_sidecar_connecting_with_the_defaults_changes_nothing() -> None:
+    """So a control plane that restarts, or a sidecar that reconnects, sends no endpoint
+    anew; a connected sidecar's own port still wins when it differs."""
+    declared = _declaring(llama_world(), "gpu-0", "gpu-1")
+    alone = build(declared, proxy(), {})
+    connected = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1")}
+    assert _bytes(build(declared, proxy(), connected)) == _bytes(alone)
+    moved = {("default", "gpu-0"): proxy(pod="gpu-0", ip="10.0.0.1", inbound_port=15106)}
+    assert _endpoints(build(declared, proxy(), moved))[0].port == 15106
+
+
+def test_an_unready_pod_with_a_sidecar_is_left_out_like_any_other() -> None:
+    resources = build(_declaring(llama_world(), "gpu-2"), proxy(), {})
+    assert all(e.address != "10.0.0.4" for e in _endpoints(resources))
+
+
+def _bytes(resources: dict[str, list[Any]]) -> dict[str, list[bytes]]:
+    return {t: [m.SerializeToString(deterministic=True) for m in ms] for t, ms in resources.items()}
 
 
 def test_a_sidecar_bound_to_one_address_is_reached_at_that_address() -> None:

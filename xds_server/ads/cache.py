@@ -52,7 +52,10 @@ class Generator(Protocol):
     def generate(self, proxy: Proxy) -> Mapping[str, Sequence[Any]]:
         """Envoy protobuf messages grouped by type URL.
 
-        May run on the cache's worker thread, one build at a time.
+        May run on the cache's worker thread, one build at a time. A group given as a
+        tuple is taken as immutable, like every message in it: handing out the same tuple
+        or message again (to another proxy, or in a later generation) costs a lookup, not
+        a serialization (:class:`~xds_server.ads.snapshot.ResourceInterner`).
         """
         ...
 

@@ -30,12 +30,13 @@ from xds_server.ads import wire
 
 T = TypeVar("T")
 
-#: Views (and shared decisions) one snapshot keeps, least recently used dropped first. All
-#: proxies of one config key share a snapshot and subscribe alike, so a snapshot serves a
-#: handful of subscription shapes per type (a few more while clusters warm). The bound
-#: caps what a client that keeps changing its subscription adds to a snapshot shared with
-#: others: each view holds a mapping and, once sent, its encoded response (up to the size
-#: of the whole type). A view dropped is computed again when next asked for.
+#: Views one bucket of resources keeps (and shared decisions one snapshot keeps), least
+#: recently used dropped first. All proxies of one config key share a snapshot and
+#: subscribe alike, so a bucket serves a handful of subscription shapes (a few more while
+#: clusters warm). The bound caps what a client that keeps changing its subscription adds
+#: to a bucket shared with others: each view holds a mapping and, once sent, its encoded
+#: response (up to the size of the whole type). A view dropped is computed again when
+#: next asked for.
 MAX_CACHED_VIEWS = 256
 
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
@@ -114,13 +115,77 @@ def _refs(type_url: str, message: Any) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+class Bucket(dict[str, Resource]):
+    """A snapshot's resources of one type, by name.
+
+    Shared by every snapshot built from the same tuple of messages (and, in a worker, from
+    the same shipped group), so it is never modified once built, and what is computed
+    from it is kept with it, for all of them: its views and the names it refers to.
+    """
+
+    __slots__ = ("_refs", "_views")
+
+    def __init__(self, resources: Iterable[tuple[str, Resource]] = ()) -> None:
+        super().__init__(resources)
+        self._views: LRUCache[frozenset[str] | None, View] | None = None
+        self._refs: dict[str, frozenset[str]] | None = None
+
+    def view(self, names: frozenset[str] | None) -> View:
+        """The resources named in ``names`` (None: all of them), and their version."""
+        if self._views is None:
+            self._views = LRUCache(MAX_CACHED_VIEWS)
+        found = self._views.get(names)
+        if found is None:
+            selected = dict(self) if names is None else {n: self[n] for n in names if n in self}
+            found = self._views[names] = View(selected, version_of(selected))
+        return found
+
+    def refs(self) -> Mapping[str, frozenset[str]]:
+        """Type URL -> the names of that type these resources need."""
+        if self._refs is None:
+            found: dict[str, set[str]] = {}
+            for res in self.values():
+                for type_url, name in res.refs:
+                    found.setdefault(type_url, set()).add(name)
+            self._refs = {t: frozenset(n) for t, n in found.items()}
+        return self._refs
+
+
+#: A type the snapshot has nothing of.
+_NOTHING = Bucket()
+
+
 class ResourceInterner:
-    """Builds :class:`Resource` objects, sharing one object per identical resource."""
+    """Builds :class:`Resource` objects, sharing one object per identical resource.
+
+    By content: identical resources built for different proxies are one object, for as
+    long as any snapshot holds it. By identity: a generator hands out the same message
+    objects, in the same tuples, to every proxy (and every generation) that gets the same
+    content (:class:`~xds_server.ads.cache.Generator`); a message or tuple seen before is
+    not serialized again. Those are remembered by identity for the generation that last
+    used them and the one after (:meth:`advance`), holding the objects so that their
+    identities stay theirs; only messages handed in within tuples are, since a generator
+    that builds fresh lists builds fresh messages.
+    """
 
     def __init__(self) -> None:
         self._live: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
             weakref.WeakValueDictionary()
         )
+        self._generation = 0
+        self._messages: dict[int, tuple[Any, Resource]] = {}
+        self._messages_before: dict[int, tuple[Any, Resource]] = {}
+        self._groups: dict[int, tuple[tuple[Any, ...], dict[str, Bucket]]] = {}
+        self._groups_before: dict[int, tuple[tuple[Any, ...], dict[str, Bucket]]] = {}
+
+    def advance(self, generation: int) -> None:
+        """Start ``generation`` (a later one than any before): what was remembered by
+        identity and not used since the generation before is forgotten."""
+        if generation <= self._generation:
+            return
+        self._generation = generation
+        self._messages_before, self._messages = self._messages, {}
+        self._groups_before, self._groups = self._groups, {}
 
     def make(self, message: Any) -> Resource:
         type_url = type_url_of(message)
@@ -144,6 +209,49 @@ class ResourceInterner:
         self._live[key] = res
         return res
 
+    def _made(self, message: Any) -> Resource:
+        """:meth:`make`, once per message object (see the class docstring)."""
+        key = id(message)
+        found = self._messages.get(key)
+        if found is None:
+            found = self._messages_before.pop(key, None) or (message, self.make(message))
+            self._messages[key] = found
+        return found[1]
+
+    def buckets(self, messages: Iterable[Any]) -> dict[str, Bucket]:
+        """``messages`` as resources by type and name; SnapshotError for a name twice.
+
+        A tuple's buckets are built once (see the class docstring) and shared: never
+        modify them."""
+        if not isinstance(messages, tuple):
+            return _buckets(self.make(m) for m in messages)
+        key = id(messages)
+        found = self._groups.get(key)
+        if found is None:
+            found = self._groups_before.pop(key, None)
+            if found is not None:  # its messages are used in this generation too
+                for message in messages:
+                    self._made(message)
+            else:
+                found = (messages, _buckets(self._made(m) for m in messages))
+            self._groups[key] = found
+        return found[1]
+
+
+def _buckets(resources: Iterable[Resource]) -> dict[str, Bucket]:
+    by_type: dict[str, Bucket] = {}
+    for res in resources:
+        bucket = by_type.setdefault(res.type_url, Bucket())
+        if res.name in bucket:
+            raise SnapshotError(f"two {xds.short(res.type_url)} resources named {res.name!r}")
+        bucket[res.name] = res
+    return by_type
+
+
+#: Partial SotW responses one view keeps encoded, by the version the client held: clients
+#: come from one or two versions back, so a handful.
+MAX_ENCODED_CHANGES = 8
+
 
 @dataclass(frozen=True)
 class View:
@@ -155,6 +263,9 @@ class View:
     resources: dict[str, Resource]
     version: str
     _encoded: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    _changes: LRUCache[str, tuple[bytes, int]] = field(
+        default_factory=lambda: LRUCache(MAX_ENCODED_CHANGES), compare=False, repr=False
+    )
 
     def sotw_payload(self, type_url: str, nonce: str) -> bytes:
         """The DiscoveryResponse for this view: encoded once, the nonce appended per stream."""
@@ -166,6 +277,24 @@ class View:
             )
         return prefix + wire.field_str(5, nonce)
 
+    def sotw_changes(
+        self, type_url: str, nonce: str, held: Mapping[str, Resource], held_version: str
+    ) -> tuple[bytes, int]:
+        """A DiscoveryResponse at this view's version that carries only what differs from
+        ``held`` (what the client holds, at SotW version ``held_version``), and how many
+        resources it carries. Encoded once per version held, the nonce appended per
+        stream."""
+        found = self._changes.get(held_version)
+        if found is None:
+            changed = [
+                res.sotw_field
+                for name, res in sorted(self.resources.items())
+                if (had := held.get(name)) is None or had.version != res.version
+            ]
+            prefix = wire.discovery_response(self.version, type_url, "", changed)
+            found = self._changes[held_version] = (prefix, len(changed))
+        return found[0] + wire.field_str(5, nonce), found[1]
+
 
 def version_of(resources: Mapping[str, Resource]) -> str:
     """A SotW ``version_info``: a hash of the names and versions of what is sent."""
@@ -176,45 +305,40 @@ def version_of(resources: Mapping[str, Resource]) -> str:
 class Snapshot:
     """Everything one proxy should have: type URL -> name -> resource."""
 
-    resources: Mapping[str, Mapping[str, Resource]]
+    resources: Mapping[str, Bucket]
     #: Identifies the world + generator generation this snapshot was computed from.
     generation: int = 0
-    #: Views computed so far, shared by every stream of this snapshot (all proxies with
-    #: one config key): a push to ten thousand alike proxies selects and hashes once.
-    _views: LRUCache[tuple[str, frozenset[str] | None], View] = field(
-        default_factory=lambda: LRUCache(MAX_CACHED_VIEWS), compare=False, repr=False
-    )
-    _memo: LRUCache[tuple[str, ...], Any] = field(
-        default_factory=lambda: LRUCache(MAX_CACHED_VIEWS), compare=False, repr=False
+    #: Decisions shared by every stream of this snapshot (:meth:`memo`), made on first use.
+    _memo: list[LRUCache[tuple[str, ...], Any]] = field(
+        default_factory=list, compare=False, repr=False
     )
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
-        return self.resources.get(type_url, {})
+        return self.resources.get(type_url, _NOTHING)
 
     def memo(self, key: tuple[str, ...], compute: Callable[[], T]) -> T:
         """A decision shared by every stream of this snapshot, computed once per key.
 
         The key must name everything the decision depends on besides the snapshot.
         """
-        if key in self._memo:
-            return cast(T, self._memo[key])
+        if not self._memo:
+            self._memo.append(LRUCache(MAX_CACHED_VIEWS))
+        memo = self._memo[0]
+        if key in memo:
+            return cast(T, memo[key])
         value = compute()
-        self._memo[key] = value
+        memo[key] = value
         return value
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
         """The resources of ``type_url`` named in ``names`` (None: all of them).
 
-        The returned mapping is shared: callers must not modify it.
+        Computed once per subscription shape for every snapshot that shares this type's
+        resources (all proxies of one config key, and of other keys that get the same
+        clusters, say): a push to ten thousand proxies selects and hashes a handful of
+        times. The returned mapping is shared: callers must not modify it.
         """
-        key = (type_url, names)
-        found = self._views.get(key)
-        if found is None:
-            have = self.of_type(type_url)
-            selected = dict(have) if names is None else {n: have[n] for n in names if n in have}
-            found = View(selected, version_of(selected))
-            self._views[key] = found
-        return found
+        return self.resources.get(type_url, _NOTHING).view(names)
 
     def check_consistent(self) -> None:
         """Raise :class:`SnapshotError` naming every reference to a missing resource.
@@ -223,6 +347,12 @@ class Snapshot:
         assignment, or a listener without its route configuration, would leave the proxy
         warming until its initial fetch timeout.
         """
+        if all(
+            names <= self.of_type(t).keys()
+            for bucket in self.resources.values()
+            for t, names in bucket.refs().items()
+        ):
+            return
         missing = [
             f"{xds.short(res.type_url)} {res.name!r} needs {xds.short(t)} {n!r}"
             for by_name in self.resources.values()
@@ -230,8 +360,7 @@ class Snapshot:
             for t, n in res.refs
             if n not in self.of_type(t)
         ]
-        if missing:
-            raise SnapshotError("inconsistent snapshot: " + "; ".join(sorted(missing)))
+        raise SnapshotError("inconsistent snapshot: " + "; ".join(sorted(missing)))
 
 
 def build_snapshot(
@@ -239,19 +368,20 @@ def build_snapshot(
     generated: Mapping[str, Sequence[Any]] | Iterable[Any],
     generation: int = 0,
 ) -> Snapshot:
-    """Serialize and version translator output (messages grouped by type URL, or a flat list)."""
-    messages: Iterable[Any]
-    if isinstance(generated, Mapping):
-        messages = (m for group in generated.values() for m in group)
-    else:
-        messages = generated
-    by_type: dict[str, dict[str, Resource]] = {}
-    for message in messages:
-        res = interner.make(message)
-        bucket = by_type.setdefault(res.type_url, {})
-        if res.name in bucket:
-            raise SnapshotError(f"two {xds.short(res.type_url)} resources named {res.name!r}")
-        bucket[res.name] = res
+    """Serialize and version translator output (messages grouped by type URL, or a flat
+    list), as resources of ``generation`` (:meth:`ResourceInterner.advance`)."""
+    interner.advance(generation)
+    groups = generated.values() if isinstance(generated, Mapping) else [generated]
+    by_type: dict[str, Bucket] = {}
+    for group in groups:
+        for type_url, bucket in interner.buckets(group).items():
+            have = by_type.get(type_url)
+            if have is None:
+                by_type[type_url] = bucket  # shared with other snapshots: not modified
+                continue
+            for name in bucket.keys() & have.keys():
+                raise SnapshotError(f"two {xds.short(type_url)} resources named {name!r}")
+            by_type[type_url] = Bucket((*have.items(), *bucket.items()))
     return Snapshot(resources=by_type, generation=generation)
 
 

@@ -23,6 +23,12 @@ The rules, each from a failure seen in the field (FIELD-NOTES.md):
   answered, or the cluster stalls for the 15 s initial fetch timeout.
 * Whenever a cluster is sent, its ClusterLoadAssignment follows, even if unchanged
   (under Delta, Envoy does not ask again after a cluster update).
+* SotW responses of routes, endpoints and secrets carry only what changed since what the
+  client acknowledged, as the xDS protocol allows for every type but listeners and
+  clusters (the client keeps what a response leaves out): an endpoint turning unready is
+  one assignment per proxy, not all of them. Everything is sent when it is not known
+  what the client holds (a response unanswered) and when the client asks for everything
+  (a first request, a re-request, a cluster re-sent before its endpoints).
 * Make-before-break: types go out in ``xds.PUSH_ORDER``, and a resource is only
   removed from a type once every later type has been acknowledged at its new state.
   Until then the proxy keeps the old cluster that old routes may still point at. A
@@ -623,10 +629,27 @@ class StreamState:
             # the desired version moves past it: as Delta's per-name rejections.
             return None
         nonce = self._next_nonce()
-        payload = view.sotw_payload(st.type_url, nonce)
+        if self._changes_only(st):
+            payload, count = view.sotw_changes(st.type_url, nonce, st.acked, st.acked_version)
+        else:
+            payload, count = view.sotw_payload(st.type_url, nonce), len(desired)
         st.sent, st.sent_version = desired, version
         self._record_sent(st, nonce)
-        return Outgoing(st.type_url, nonce, version, payload, len(desired))
+        return Outgoing(st.type_url, nonce, version, payload, count)
+
+    @staticmethod
+    def _changes_only(st: TypeState) -> bool:
+        """Whether this SotW response may carry only what changed since what the client
+        holds: a type the client keeps whatever a response leaves out (all but listeners
+        and clusters, per the xDS protocol), when it is known what the client holds (it
+        has answered every response, and accepted one) and nothing asks for everything (a
+        first request, a re-request, a cluster re-sent before its endpoints)."""
+        return (
+            st.type_url not in xds.FULL_STATE_TYPES
+            and not st.force
+            and bool(st.acked_version)
+            and st.sent is st.acked
+        )
 
     def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
         if len(st.unanswered) >= self.limits.max_unanswered:

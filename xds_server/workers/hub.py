@@ -27,7 +27,7 @@ from typing import Any
 from mesh.proxy import Proxy, ProxyKind
 from xds_server.ads.cache import ConfigCache, GenerationError
 from xds_server.ads.server import Refusal, ServerSettings, StreamAuthorizer
-from xds_server.ads.snapshot import Resource, Snapshot
+from xds_server.ads.snapshot import Bucket, Resource, Snapshot
 from xds_server.workers.aggregate import SummedMetrics, registry_of
 from xds_server.workers.protocol import Channel, Shipment
 from xds_server.workers.worker import peer_context
@@ -54,6 +54,9 @@ class Catalog:
         #: This generation's snapshot objects -> their number (the objects are kept, so
         #: their ids stay theirs).
         self._of: dict[int, tuple[int, Snapshot]] = {}
+        #: Buckets -> their group's number: snapshots share buckets (within a generation
+        #: and across), so a group is numbered once, not once per snapshot.
+        self._bucket_gids: dict[int, tuple[Bucket, int]] = {}
         self._generation = -1
 
     def sid(self, snapshot: Snapshot, generation: int) -> int:
@@ -63,14 +66,9 @@ class Catalog:
         found = self._of.get(id(snapshot))
         if found is not None:
             return found[0]
-        gids = []
-        for type_url, by_name in sorted(snapshot.resources.items()):
-            rids = tuple(self._resource(r) for r in by_name.values())
-            gid = self._gid.get((type_url, rids))
-            if gid is None:
-                gid = self._gid[(type_url, rids)] = next(self._ids)
-                self.groups[gid] = (type_url, rids)
-            gids.append(gid)
+        gids = [
+            self._group(type_url, bucket) for type_url, bucket in sorted(snapshot.resources.items())
+        ]
         key = tuple(gids)
         sid = self._sid.get(key)
         if sid is None:
@@ -78,6 +76,18 @@ class Catalog:
             self.snapshots[sid] = key
         self._of[id(snapshot)] = (sid, snapshot)
         return sid
+
+    def _group(self, type_url: str, bucket: Bucket) -> int:
+        known = self._bucket_gids.get(id(bucket))
+        if known is not None and known[0] is bucket:
+            return known[1]
+        rids = tuple(self._resource(r) for r in bucket.values())
+        gid = self._gid.get((type_url, rids))
+        if gid is None:
+            gid = self._gid[(type_url, rids)] = next(self._ids)
+            self.groups[gid] = (type_url, rids)
+        self._bucket_gids[id(bucket)] = (bucket, gid)
+        return gid
 
     def _resource(self, res: Resource) -> int:
         key = (res.type_url, res.name, res.version)
@@ -98,6 +108,7 @@ class Catalog:
         self.resources = {r: v for r, v in self.resources.items() if r in rids}
         self._rid = {k: r for k, r in self._rid.items() if r in rids}
         self._of = {k: v for k, v in self._of.items() if v[0] in sids}
+        self._bucket_gids = {k: v for k, v in self._bucket_gids.items() if v[1] in gids}
 
 
 @dataclass(eq=False)

@@ -30,7 +30,7 @@ from xds_server.ads.server import (
     StreamAuthorizer,
     XdsServer,
 )
-from xds_server.ads.snapshot import Resource, Snapshot
+from xds_server.ads.snapshot import Bucket, Resource, Snapshot
 from xds_server.workers.aggregate import families
 from xds_server.workers.protocol import Channel, Shipment
 
@@ -49,7 +49,7 @@ class ShippedSnapshots:
         self.generation = 0
         self.change_ts: float | None = None
         self._resources: dict[int, Resource] = {}
-        self._groups: dict[int, tuple[str, dict[str, Resource]]] = {}
+        self._groups: dict[int, tuple[str, Bucket]] = {}
         self._group_ids: dict[int, tuple[int, ...]] = {}
         self._snapshots: dict[int, Snapshot] = {}
         self._snapshot_groups: dict[int, tuple[int, ...]] = {}
@@ -78,7 +78,7 @@ class ShippedSnapshots:
         """Take in a shipment; after a generation, drop what no assignment references."""
         self._resources.update(shipment.resources)
         for gid, (type_url, rids) in shipment.groups.items():
-            group = {self._resources[r].name: self._resources[r] for r in rids}
+            group = Bucket((self._resources[r].name, self._resources[r]) for r in rids)
             self._groups[gid] = (type_url, group)
             self._group_ids[gid] = rids
         for sid, gids in shipment.snapshots.items():
