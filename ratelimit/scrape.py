@@ -151,3 +151,42 @@ class Scraper:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class Backoff:
+    """When each endpoint is next due for a scrape: every round while it answers, and
+    less and less often while it does not.
+
+    A pod that serves no metrics (the wrong port, no metrics server, gone) would otherwise
+    cost a failed connection every round, forever: at thousands of pods that is most of
+    the control plane's CPU. After ``n`` failures in a row an endpoint is skipped for
+    ``2 ** (n - 1) - 1`` rounds, at most ``max_skip`` (so it is scraped at least every
+    ``max_skip + 1`` rounds), and the first success puts it back on every round. While an
+    endpoint is skipped the controller keeps its limits, as after any failed scrape.
+    """
+
+    def __init__(self, max_skip: int) -> None:
+        self.max_skip = max_skip
+        #: endpoint -> (failures in a row, the round it is next due).
+        self._failing: dict[str, tuple[int, int]] = {}
+
+    def due(self, endpoint: str, round_no: int) -> bool:
+        failing = self._failing.get(endpoint)
+        return failing is None or round_no >= failing[1]
+
+    def record(self, endpoint: str, round_no: int, *, ok: bool) -> None:
+        if ok:
+            self._failing.pop(endpoint, None)
+            return
+        failures = self._failing.get(endpoint, (0, 0))[0] + 1
+        skip = min(2 ** min(failures - 1, 30) - 1, self.max_skip)
+        self._failing[endpoint] = (failures, round_no + 1 + skip)
+
+    def keep(self, endpoints: Iterable[str]) -> None:
+        """Forget endpoints no longer scraped."""
+        kept = set(endpoints)
+        self._failing = {k: v for k, v in self._failing.items() if k in kept}
+
+    def backing_off(self, round_no: int) -> int:
+        """Endpoints that will not be scraped this round."""
+        return sum(1 for _, due in self._failing.values() if round_no < due)

@@ -196,6 +196,34 @@ async def test_queue_weights_follow_each_gpu_endpoints_queue_and_push_only_on_ch
             await runtime.stop()
 
 
+async def test_an_endpoint_that_does_not_answer_is_scraped_less_often_until_it_does() -> None:
+    async with fake_servers() as servers:
+        runtime = RateLimitRuntime(
+            RateLimitSettings(scrape_timeout_s=0.3, scrape_backoff_rounds=3),
+            on_change=lambda: None,
+        )
+        try:
+            runtime.set_world(_world(servers))
+            servers[2].delay_s = 1.0  # never answers within the timeout
+            for _ in range(10):
+                await runtime.step()
+            # Rounds 0, 1, 3, 7: the gap doubles up to scrape_backoff_rounds + 1.
+            assert [s.scrapes for s in servers] == [10, 10, 4]
+            backing_off = "inferlane_adaptive_endpoints_backing_off"
+            assert runtime.registry.get_sample_value(backing_off) == 1
+            servers[2].delay_s = 0.0
+            await runtime.step()  # round 10: still skipped...
+            assert servers[2].scrapes == 4
+            await runtime.step()  # ...round 11 is 7 + scrape_backoff_rounds + 1
+            assert servers[2].scrapes == 5
+            for _ in range(3):  # and every round once it answers
+                await runtime.step()
+            assert [s.scrapes for s in servers] == [15, 15, 8]
+            assert runtime.registry.get_sample_value(backing_off) == 0
+        finally:
+            await runtime.stop()
+
+
 @pytest.mark.parametrize(
     ("waiting", "weight"),
     [(0, 128), (0.5, 128), (1, 64), (2, 32), (3, 32), (4, 16), (7, 16), (100, 1), (1e12, 1)],

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratelimit.adaptive import SaturationSample
-from ratelimit.scrape import MetricNames, ScrapeError, Scraper, parse_metrics
+from ratelimit.scrape import Backoff, MetricNames, ScrapeError, Scraper, parse_metrics
 
 VLLM_TEXT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -124,3 +124,43 @@ async def test_scraper_refused_connection_is_a_value() -> None:
     async with Scraper(timeout_s=1.0) as scraper:
         result = await scraper.scrape("http://127.0.0.1:1/metrics")
     assert isinstance(result, ScrapeError)
+
+
+def test_an_endpoint_that_keeps_failing_is_scraped_less_often_until_it_answers() -> None:
+    backoff = Backoff(max_skip=7)
+    scraped = []
+    for round_no in range(40):
+        if backoff.due("pod", round_no):
+            scraped.append(round_no)
+            backoff.record("pod", round_no, ok=round_no >= 30)
+    # Failures double the gap (1, 2, 4, 8 rounds) up to max_skip + 1, then every round.
+    assert scraped[:5] == [0, 1, 3, 7, 15]
+    assert scraped[5:7] == [23, 31]
+    assert scraped[7:] == list(range(32, 40))
+    assert backoff.backing_off(40) == 0
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(0, 20))
+def test_a_failing_endpoint_is_never_skipped_more_than_max_skip_rounds(
+    answers: list[bool], max_skip: int
+) -> None:
+    backoff = Backoff(max_skip=max_skip)
+    last, ok_before = -1, False
+    for round_no, ok in enumerate(answers):
+        if backoff.due("pod", round_no):
+            assert round_no - last - 1 <= max_skip
+            if ok_before:
+                assert round_no == last + 1  # after a success, every round
+            last, ok_before = round_no, ok
+            backoff.record("pod", round_no, ok=ok)
+
+
+def test_backoff_forgets_endpoints_no_longer_scraped() -> None:
+    backoff = Backoff(max_skip=3)
+    backoff.record("a", 0, ok=False)
+    backoff.record("a", 1, ok=False)
+    backoff.record("b", 1, ok=False)
+    assert backoff.backing_off(2) == 1  # a skips round 2; b is due again
+    backoff.keep(["b"])
+    assert backoff.due("a", 2)
+    assert backoff.backing_off(2) == 0

@@ -12,7 +12,9 @@
   ``inferlane_ratelimit_failure_mode{mode}`` shows the configured mode.
 - **The adaptive loop.** Every ``scrape_interval_s`` it scrapes ``/metrics`` of each
   ready endpoint of every adaptive Service that has a ``rate-limit`` (aiohttp, at most
-  ``scrape_concurrency`` at once, each bounded by ``scrape_timeout_s``), and feeds the
+  ``scrape_concurrency`` at once, each bounded by ``scrape_timeout_s``; an endpoint
+  whose scrapes keep failing is scraped less and less often, down to once every
+  ``scrape_backoff_rounds + 1`` rounds, until it answers), and feeds the
   samples to the :class:`~ratelimit.adaptive.AdaptiveController`. When a step changes an
   endpoint's multipliers it calls ``on_change`` (the control plane's debouncer), and the
   next generation reads the new multipliers through :meth:`RateLimitRuntime.options`.
@@ -59,7 +61,7 @@ from ratelimit.counters import (
 )
 from ratelimit.local import DEFAULT_RLS_TIMEOUT_S
 from ratelimit.rules import rules_from_world
-from ratelimit.scrape import VLLM, MetricNames, ScrapeError, Scraper
+from ratelimit.scrape import VLLM, Backoff, MetricNames, ScrapeError, Scraper
 from ratelimit.tokens import TokenBudgetMode
 from routing.catalog import served_ports, served_services
 from routing.endpoints import FULL_WEIGHT, endpoint_key, queue_weight
@@ -114,6 +116,10 @@ class RateLimitSettings:
     scrape_timeout_s: float = 0.5
     #: Scrapes in flight at once, so a large Service does not open thousands of sockets.
     scrape_concurrency: int = 32
+    #: Rounds an endpoint whose scrapes keep failing may be skipped, at most
+    #: (:class:`~ratelimit.scrape.Backoff`): one that stops answering is scraped at least
+    #: every ``scrape_backoff_rounds + 1`` rounds, one that answers again every round.
+    scrape_backoff_rounds: int = 15
     #: Path of the model server's Prometheus page, on the endpoint's own port.
     metrics_path: str = "/metrics"
     #: Which series carry the saturation signals (vLLM's by default).
@@ -132,6 +138,8 @@ class RateLimitSettings:
             out.append("scrape interval and timeout must be positive")
         if self.scrape_concurrency < 1:
             out.append("scrape_concurrency must be at least 1")
+        if self.scrape_backoff_rounds < 0:
+            out.append("scrape_backoff_rounds must not be negative")
         if not self.metrics_path.startswith("/"):
             out.append("metrics_path must start with '/'")
         if self.rls_timeout_s <= 0 or self.redis_timeout_s <= 0:
@@ -147,6 +155,12 @@ class RuntimeMetrics:
             "inferlane_adaptive_scrapes_total",
             "Scrapes of adaptive endpoints' metrics, by result (ok, error).",
             ["result"],
+            registry=registry,
+        )
+        self.backing_off = Gauge(
+            "inferlane_adaptive_endpoints_backing_off",
+            "Endpoints whose scrapes kept failing, skipped this round (scraped less often "
+            "until one answers).",
             registry=registry,
         )
         self.round_seconds = Histogram(
@@ -247,6 +261,7 @@ class RateLimitRuntime:
         self.scraper = Scraper(
             names=self.settings.metric_names, timeout_s=self.settings.scrape_timeout_s
         )
+        self.backoff = Backoff(self.settings.scrape_backoff_rounds)
         self.world: World | None = None
         self._targets: dict[str, str] = {}
         #: Endpoints weighed by their queue, and their current weights (full ones too).
@@ -373,8 +388,13 @@ class RateLimitRuntime:
 
         Returns the endpoints whose multipliers or weights changed.
         """
-        targets = {**self._weighted, **self._targets}
+        every = {**self._weighted, **self._targets}
+        self.backoff.keep(every)
+        round_no = self.rounds
+        targets = {k: url for k, url in every.items() if self.backoff.due(k, round_no)}
+        self.metrics.backing_off.set(len(every) - len(targets))
         if not targets:
+            self.rounds += 1
             return []
         started = time.perf_counter()
         gate = asyncio.Semaphore(self.settings.scrape_concurrency)
@@ -390,6 +410,7 @@ class RateLimitRuntime:
         for key, result in zip(targets, results, strict=True):
             failed = isinstance(result, ScrapeError)
             self.metrics.scrapes.labels("error" if failed else "ok").inc()
+            self.backoff.record(key, round_no, ok=not failed)
             if key in self._weighted and self._weigh(key, result):
                 changed.append(key)
             if key not in self._targets:
