@@ -36,13 +36,12 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from bench.fleet import FleetProxy
 from mesh import xds
-from xds_server.sidecar.bootstrap import BootstrapOptions
 
 #: The order Envoy subscribes in.
 ORDER = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.SECRET)
-#: The ADS reconnect back-off inferlane's bootstraps give Envoy: full jitter, doubling.
-BACKOFF_BASE_S = BootstrapOptions.retry_base_s
-BACKOFF_MAX_S = BootstrapOptions.retry_max_s
+#: Envoy's ADS retry back-off: jittered, base 500 ms, at most 30 s.
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
 
 
 @dataclass

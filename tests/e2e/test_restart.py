@@ -216,8 +216,8 @@ class Steady:
 def fast_reconnect_bootstrap(opts: BootstrapOptions) -> str:
     """The usual bootstrap, with the ADS stream retried every 50 to 200 ms.
 
-    The bootstrap's reconnect back-off (0.5 s doubling to 4 s, jittered) leaves it
-    reconnecting anywhere up to four seconds after the restart. Retrying fast keeps the
+    Envoy's default reconnect backoff (0.5 s doubling to 30 s, jittered) leaves it
+    reconnecting anywhere from a second to ten after the restart. Retrying fast keeps the
     test short and makes Envoy reconnect as soon as the new server listens, before its
     first world is loaded: the hardest moment to get right.
     """

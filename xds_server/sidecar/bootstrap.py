@@ -62,14 +62,6 @@ class BootstrapOptions:
     initial_fetch_timeout: float = 15.0
     #: Local address the xDS connection is made from ("" lets the kernel choose).
     xds_source_address: str = ""
-    #: How the proxy reconnects when the ADS stream fails: Envoy waits a random time up to
-    #: ``retry_base_s`` doubled with each failure in a row, capped at ``retry_max_s``.
-    #: Envoy's own cap is 30 s, so after a few refused attempts (every replica restarting)
-    #: a proxy may wait half a minute before it tries again; at 4 s a fleet is back in sync
-    #: within seconds of the control plane, while a fleet of 10,000 waiting for it costs
-    #: about 2,500 refused connections a second.
-    retry_base_s: float = 0.5
-    retry_max_s: float = 4.0
 
 
 def parse_metadata(items: Sequence[str]) -> dict[str, Any]:
@@ -166,13 +158,7 @@ def _check_tls(tls: TlsSettings) -> None:
 
 
 def _grpc_service(opts: BootstrapOptions) -> dict[str, Any]:
-    back_off = {
-        "base_interval": f"{opts.retry_base_s:g}s",
-        "max_interval": f"{opts.retry_max_s:g}s",
-    }
-    service: dict[str, Any] = {
-        "envoy_grpc": {"cluster_name": XDS_CLUSTER, "retry_policy": {"retry_back_off": back_off}}
-    }
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": XDS_CLUSTER}}
     if opts.tls is not None and opts.tls.token and not opts.tls.cert_file:
         service["initial_metadata"] = [
             {"key": "authorization", "value": f"Bearer {opts.tls.token}"}
@@ -184,11 +170,6 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     """The bootstrap as a plain dict (dump it as YAML or JSON)."""
     if opts.xds_port <= 0 or opts.xds_port > 65535:
         raise BootstrapError(f"xDS port {opts.xds_port} is not a port number")
-    if not 0 < opts.retry_base_s <= opts.retry_max_s:
-        raise BootstrapError(
-            f"the reconnect back-off needs 0 < base ({opts.retry_base_s:g}s) <= "
-            f"max ({opts.retry_max_s:g}s)"
-        )
     if opts.tls is not None:
         _check_tls(opts.tls)
     config_source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
