@@ -45,6 +45,7 @@ from bench.envoy import Envoy
 from bench.fleetbench import HEADER as FLEET_HEADER
 from bench.fleetbench import SCENARIOS, run_fleet
 from bench.load import percentile
+from bench.synthetic import BACKOFF_MAX_S
 from bench.wait import eventually
 from mesh import xds as xds_types
 from mesh.manifests import load_world
@@ -358,6 +359,11 @@ def main() -> None:
         action="store_true",
         help="the fleet's Services without adaptive limits (no scraping of the model pods)",
     )
+    fleet.add_argument(
+        "--reconnect-max",
+        default=f"{BACKOFF_MAX_S:g}",
+        help="comma-separated caps of the clients' reconnect back-off (s) to compare (Envoy's: 30)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
@@ -371,20 +377,25 @@ def main() -> None:
     for n in counts(a.fleet):
         print(f"\nrealistic fleet of {n} proxies (the clock starts at the input)", flush=True)
         print(FLEET_HEADER, flush=True)
+        caps = [float(x) for x in a.reconnect_max.split(",") if x.strip()]
         for workers in dict.fromkeys(counts(a.workers)):
-            fleet_results = asyncio.run(
-                run_fleet(
-                    n,
-                    workers=workers,
-                    scenarios=scenarios,
-                    changes=a.fleet_changes,
-                    client_processes=a.client_processes,
-                    rate=a.rate,
-                    timeout=a.timeout,
-                    adaptive=not a.no_adaptive,
+            for cap in caps:
+                if len(caps) > 1:
+                    print(f"(clients reconnect with a back-off capped at {cap:g} s)", flush=True)
+                fleet_results = asyncio.run(
+                    run_fleet(
+                        n,
+                        workers=workers,
+                        scenarios=scenarios,
+                        changes=a.fleet_changes,
+                        client_processes=a.client_processes,
+                        rate=a.rate,
+                        timeout=a.timeout,
+                        adaptive=not a.no_adaptive,
+                        reconnect_max_s=cap,
+                    )
                 )
-            )
-            out += [dataclasses.asdict(r) for r in fleet_results]
+                out += [{**dataclasses.asdict(r), "reconnect_max_s": cap} for r in fleet_results]
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
 

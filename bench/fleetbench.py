@@ -48,6 +48,7 @@ from typing import Any
 from bench.fleet import Fleet, FleetShape, build_fleet, roles, set_ready, write_manifest
 from bench.load import percentile
 from bench.serving import ServeProcess, counter, cpu_seconds, histogram, pss_bytes
+from bench.synthetic import BACKOFF_MAX_S
 from bench.wait import eventually
 from mesh import xds
 from mesh.manifests import load_world
@@ -177,6 +178,8 @@ async def synthetic_clients(
     parts: int,
     rate: float,
     timeout: float,  # noqa: ASYNC109
+    *,
+    reconnect_max_s: float = BACKOFF_MAX_S,
 ) -> AsyncIterator[Clients]:
     processes = []
     try:
@@ -195,6 +198,8 @@ async def synthetic_clients(
                 str(parts),
                 "--rate",
                 str(rate),
+                "--reconnect-max",
+                str(reconnect_max_s),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=REPORT_LIMIT,
@@ -368,6 +373,7 @@ async def run_fleet(
     rate: float,
     timeout: float,  # noqa: ASYNC109
     adaptive: bool = True,
+    reconnect_max_s: float = BACKOFF_MAX_S,
 ) -> list[FleetResult]:
     fleet = build_fleet(FleetShape.scaled(proxies, adaptive=adaptive))
     results: list[FleetResult] = []
@@ -391,7 +397,7 @@ async def run_fleet(
         try:
             target = f"127.0.0.1:{server.ports['xds']}"
             async with synthetic_clients(
-                plan_file, target, client_processes, rate, timeout
+                plan_file, target, client_processes, rate, timeout, reconnect_max_s=reconnect_max_s
             ) as clients:
                 bench.clients = clients
                 await eventually(

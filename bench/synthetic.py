@@ -53,8 +53,15 @@ class Recorder:
 
 
 class SyntheticStream:
-    def __init__(self, proxy: FleetProxy, names: dict[str, list[str]], record: Recorder) -> None:
+    def __init__(
+        self,
+        proxy: FleetProxy,
+        names: dict[str, list[str]],
+        record: Recorder,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
         self.proxy = proxy
+        self.backoff_max_s = backoff_max_s
         self.names = names
         self.record = record
         self.types = [t for t in ORDER if t in names]
@@ -94,7 +101,7 @@ class SyntheticStream:
         return out
 
     async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        """Keep the stream open, reconnecting with Envoy's back-off."""
+        """Keep the stream open, reconnecting as Envoy does: full jitter, doubling."""
         attempt = 0
         while True:
             try:
@@ -108,7 +115,8 @@ class SyntheticStream:
                 got = False
                 self.record.failures += 1
             attempt = 0 if got else attempt + 1
-            await asyncio.sleep(random.uniform(0, min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S)))
+            cap = min(BACKOFF_BASE_S * 2**attempt, self.backoff_max_s)
+            await asyncio.sleep(random.uniform(0, cap))
 
     def _saw(self, type_url: str, resources: int, removed: int) -> None:
         self.record.responses.append(
@@ -200,7 +208,7 @@ async def run(args: argparse.Namespace) -> None:
     ]
 
     stubs = [ads_pb2_grpc.AggregatedDiscoveryServiceStub(c) for c in channels]
-    streams = [SyntheticStream(p, names[p.role], record) for p in proxies]
+    streams = [SyntheticStream(p, names[p.role], record, args.reconnect_max) for p in proxies]
     tasks = []
     per_part_rate = args.rate / args.parts
     for i, s in enumerate(streams):
@@ -234,6 +242,12 @@ def main() -> None:
     p.add_argument("--parts", type=int, default=1)
     p.add_argument("--per-channel", type=int, default=250, help="streams per HTTP/2 connection")
     p.add_argument("--rate", type=float, default=1000, help="streams opened per second, in all")
+    p.add_argument(
+        "--reconnect-max",
+        type=float,
+        default=BACKOFF_MAX_S,
+        help="the reconnect back-off's cap in seconds (Envoy's: 30)",
+    )
     p.add_argument(
         "--tls",
         type=Path,
