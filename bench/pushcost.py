@@ -191,7 +191,9 @@ async def run(proxies: int, changes: int) -> None:
                 generator = MeshGenerator(fw.edit(edit), {}, secrets, previous=generator)
                 cache.update(generator)
                 for s in streams:  # every snapshot built before the clock starts
-                    await cache.snapshot_for(proxy_from_node(s.proxy.node_id, dict(s.proxy.metadata)))
+                    await cache.snapshot_for(
+                        proxy_from_node(s.proxy.node_id, dict(s.proxy.metadata))
+                    )
                 push = await _timed(server.push_all, settle)
                 responses = sum(len(s.responses) for s in streams)
                 ack = await _timed(lambda: [s.answer() for s in streams], settle)

@@ -308,6 +308,9 @@ class View:
         default_factory=dict, compare=False, repr=False
     )
     _decisions: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+    _delta_framed: dict[tuple[Hashable, ...], bytes] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def sotw_payload(self, type_url: str, nonce: str) -> bytes:
         """The DiscoveryResponse for this view: encoded once, the nonce appended per stream."""
@@ -337,6 +340,26 @@ class View:
             found = (prefix, len(changed))
             lru_put(self._changes, (type_url, held_version), found, MAX_ENCODED_CHANGES)
         return self._with_nonce(type_url, held_version, found[0], nonce), found[1]
+
+    def delta_payload(
+        self,
+        type_url: str,
+        system_version: str,
+        nonce: str,
+        changed: Sequence[Resource],
+        removed: Sequence[str],
+    ) -> bytes:
+        """A DeltaDiscoveryResponse carrying ``changed`` and ``removed``, one object for
+        every stream sent the same at the same nonce (:data:`MAX_FRAMED`): alike Delta
+        streams of this view are sent the same changes at the same push."""
+        key = (type_url, system_version, nonce, tuple(changed), tuple(removed))
+        found = lru_get(self._delta_framed, key)
+        if found is None:
+            payload = wire.delta_discovery_response(
+                system_version, type_url, nonce, (r.delta_field for r in changed), removed
+            )
+            found = lru_put(self._delta_framed, key, payload, MAX_FRAMED)
+        return found
 
     def memo(self, key: tuple[str, ...], compute: Callable[[], T]) -> T:
         """A decision shared by every stream that selects this view, computed once per key

@@ -257,6 +257,10 @@ def _state_key(st: TypeState, view: View) -> tuple[Hashable, ...]:
     )
 
 
+def _name(res: Resource) -> str:
+    return res.name
+
+
 def _held_elsewhere(type_url: str, name: str, version: str) -> Resource:
     """A resource a reconnecting client says it holds at a version this server does not
     have: only its name and version are known."""
@@ -541,6 +545,8 @@ class StreamState:
         """Whether the proxy has acknowledged exactly what the snapshot has for it."""
         if not self.delta:
             return st.acked_version == plain.version
+        if st.acked == plain.resources:
+            return True  # the same resources (they compare by identity): no name to visit
         if plain.resources.keys() != st.acked.keys():
             return False
         return all(st.acked[n].version == r.version for n, r in plain.resources.items())
@@ -657,7 +663,7 @@ class StreamState:
             before = st.sent if not self.delta else dict(st.sent)
             msg: Outgoing | None
             if self.delta:
-                msg = self._delta_response(st, desired)
+                msg = self._delta_response(st, desired, plain[type_url])
             else:
                 send = self._sotw_decide(st, view)
                 sends.append(send)
@@ -790,7 +796,11 @@ class StreamState:
             and st.sent is st.acked
         )
 
-    def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
+    def _delta_response(
+        self, st: TypeState, desired: dict[str, Resource], plain: View
+    ) -> Outgoing | None:
+        """``plain`` is the view the subscription selects: alike streams share it, and the
+        response they are sent alike (:meth:`View.delta_payload`)."""
         if len(st.unanswered) >= self.limits.max_unanswered:
             self._holding = True  # until the client answers
             return None
@@ -802,13 +812,19 @@ class StreamState:
         ]
         for name in superseded:
             del st.rejected[name]
-        changed = [
-            r
-            for n, r in sorted(desired.items())
-            if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
-            and st.rejected.get(n) != r.version
-        ]
-        removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
+        if st.sent == desired and not st.force_names:
+            # The same resources (they compare by identity): nothing changed or removed.
+            changed: list[Resource] = []
+            removed: list[str] = []
+        else:
+            changed = [
+                r
+                for n, r in desired.items()
+                if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
+                and st.rejected.get(n) != r.version
+            ]
+            changed.sort(key=_name)
+            removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
         # Subscribed names that do not exist: the client stops waiting for them.
         exists = self.snapshot.of_type(st.type_url) if self.snapshot is not None else {}
         missing = [
@@ -832,9 +848,7 @@ class StreamState:
         st.unanswered[nonce] = DeltaSent(
             {r.name: r for r in changed}, tuple(removed), self.change_ts
         )
-        payload = wire.delta_discovery_response(
-            st.sent_version, st.type_url, nonce, (r.delta_field for r in changed), removed
-        )
+        payload = plain.delta_payload(st.type_url, st.sent_version, nonce, changed, removed)
         self._record_sent(st, nonce)
         return Outgoing(st.type_url, nonce, st.sent_version, payload, len(changed), len(removed))
 
