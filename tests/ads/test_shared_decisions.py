@@ -235,7 +235,7 @@ def test_alike_streams_decide_once_and_a_stream_set_apart_decides_alone() -> Non
     outs = [s.responses() for s in streams]
     assert all([(o.type_url, o.resources) for o in out] == [(E, 1)] for out in outs)
     assert len({id(out[0].payload) for out in outs}) == 1, "one response object at one nonce"
-    nacker, behind = streams[0], streams[1]
+    nacker = streams[0]
     for s, o in zip(streams, outs, strict=True):
         for out in o:
             names = [] if out.type_url == C else ["a", "b"]

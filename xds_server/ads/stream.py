@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import xds
-from xds_server.ads import wire
 from xds_server.ads.snapshot import Resource, Snapshot, View, version_of
 
 SERVED_TYPES = frozenset(xds.PUSH_ORDER)
@@ -660,7 +659,8 @@ class StreamState:
             desired, view = self._desired(index, st, plain[type_url], unconverged)
             if desired is not plain[type_url].resources:
                 self._holding = True
-            before = st.sent if not self.delta else dict(st.sent)
+            # What was sent, to see which clusters are sent new (Delta edits it in place).
+            before = st.sent if not self.delta or type_url != xds.CLUSTER else dict(st.sent)
             msg: Outgoing | None
             if self.delta:
                 msg = self._delta_response(st, desired, plain[type_url])
@@ -827,9 +827,13 @@ class StreamState:
             removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
         # Subscribed names that do not exist: the client stops waiting for them.
         exists = self.snapshot.of_type(st.type_url) if self.snapshot is not None else {}
-        missing = [
-            n for n in st.names if n not in exists and n not in st.sent and n not in st.absent
-        ]
+        missing = (
+            []
+            if st.names <= exists.keys()
+            else [
+                n for n in st.names if n not in exists and n not in st.sent and n not in st.absent
+            ]
+        )
         st.force_names.clear()
         if not changed and not removed and not missing and not st.force:
             if not st.pending and not st.rejected:
