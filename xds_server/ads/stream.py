@@ -280,9 +280,10 @@ class StreamState:
         self.delta = delta
         self.clock = clock
         self.limits = limits or StreamLimits()
-        #: SotW: decide once per snapshot and state, for every stream alike
-        #: (:meth:`_sotw_shared`); off, every evaluation is this stream's own (the tests
-        #: hold one against the other).
+        #: Decide once for every stream alike: SotW streams per snapshot and state
+        #: (:meth:`_sotw_shared`), and routes held back per view and versions held
+        #: (:meth:`_held_routes_cached`); off, every evaluation is this stream's own (the
+        #: tests hold one against the other).
         self.share_decisions = share_decisions
         self.types: dict[str, TypeState] = {}
         self.snapshot: Snapshot | None = None
@@ -565,7 +566,7 @@ class StreamState:
             if kept:
                 desired = {**desired, **kept}
         if st.type_url == xds.ROUTE:
-            if desired is view.resources and not self.delta and self.snapshot is not None:
+            if desired is view.resources and not self.delta and self.share_decisions:
                 desired = self._held_routes_cached(st, view)
             else:
                 desired = self._hold_routes_until_clusters_warm(st, desired)
@@ -576,12 +577,20 @@ class StreamState:
     def _held_routes_cached(self, st: TypeState, view: View) -> dict[str, Resource]:
         """The route hold for SotW streams, shared through the view: streams in the same
         acknowledged state decide once, whichever snapshot they hold (the route
-        configurations of every proxy of one kind are one view, whatever its identity)."""
+        configurations of every proxy of one kind are one view, whatever its identity).
+
+        Not for Delta: a reconnected Delta client may hold a cluster at a version its
+        snapshot lacks, known by name and version alone (so without the endpoints it
+        refers to), and an acknowledged version cannot tell it from the cluster itself."""
         cds = self.types.get(xds.CLUSTER)
         eds = self.types.get(xds.ENDPOINT)
+        # Whether clusters are subscribed by wildcard is a key of its own: a client that
+        # has acknowledged none holds version "" either way, and is held back only then.
+        wildcard = cds is not None and cds.wildcard
         key = (
             st.acked_version,
-            cds.acked_version if cds is not None and cds.wildcard else "",
+            str(wildcard),
+            cds.acked_version if cds is not None and wildcard else "",
             eds.acked_version if eds is not None else "",
         )
         return view.memo(key, lambda: self._hold_routes_until_clusters_warm(st, view.resources))
