@@ -24,10 +24,15 @@ from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from cachetools import LRUCache
-
 from mesh.proxy import Proxy
-from xds_server.ads.snapshot import ResourceInterner, Snapshot, SnapshotError, build_snapshot
+from xds_server.ads.snapshot import (
+    ResourceInterner,
+    Snapshot,
+    SnapshotError,
+    build_snapshot,
+    lru_get,
+    lru_put,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +118,8 @@ class ConfigCache:
         self.generation = 0
         #: Monotonic time of the first change folded into the current generation.
         self.change_ts: float | None = None
-        self._memo: LRUCache[Hashable, Snapshot | asyncio.Future[Snapshot]] = LRUCache(
-            max_snapshots
-        )
+        #: Least recently used first (``snapshot.lru_get``: every stream asks at every push).
+        self._memo: dict[Hashable, Snapshot | asyncio.Future[Snapshot]] = {}
         self.failures = 0
         if generator is not None:
             self.update(generator)
@@ -130,7 +134,7 @@ class ConfigCache:
         self.generator = generator
         self.generation += 1
         self.change_ts = time.monotonic() if change_ts is None else change_ts
-        self._memo = LRUCache(self.max_snapshots)
+        self._memo = {}
         return self.generation
 
     async def snapshot_for(self, proxy: Proxy) -> Snapshot:
@@ -147,14 +151,14 @@ class ConfigCache:
             self.failures += 1
             log.exception("config key failed for %s", proxy.node_id)
             raise GenerationError(f"{proxy.node_id}: config key failed: {exc!r}") from exc
-        found = memo.get(key)
+        found = lru_get(memo, key)
         if isinstance(found, Snapshot):
             return found
         if found is None:
             found = asyncio.ensure_future(self._build(generator, generation, proxy))
             # Its failure is read by whoever waits; should every waiter have gone, here.
             found.add_done_callback(lambda f: f.cancelled() or f.exception())
-            memo[key] = found
+            lru_put(memo, key, found, self.max_snapshots)
         try:
             # Shielded: a stream that goes away does not cancel a build others wait for.
             snapshot = await asyncio.shield(found)

@@ -47,12 +47,11 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import xds
-from xds_server.ads import wire
 from xds_server.ads.snapshot import Resource, Snapshot, View, version_of
 
 SERVED_TYPES = frozenset(xds.PUSH_ORDER)
@@ -197,6 +196,70 @@ class TypeState:
         return SyncStatus.SYNCED
 
 
+@dataclass(frozen=True)
+class _SotwSend:
+    """A SotW response decided, but for its nonce: all of ``view``, or (``held`` given)
+    what differs from what the client holds, at SotW version ``held_version``."""
+
+    view: View
+    held: dict[str, Resource] | None
+    held_version: str
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """One type's state after a SotW evaluation, and the response it decided."""
+
+    sent: dict[str, Resource]
+    sent_version: str
+    acked: dict[str, Resource]
+    acked_version: str
+    client_version: str
+    force: bool
+    nacked: bool
+    send: _SotwSend | None
+
+
+@dataclass(frozen=True)
+class _SotwDecision:
+    """A SotW evaluation's outcome, per subscribed type in push order, for every stream
+    of one snapshot in the state it was made in."""
+
+    types: tuple[_Decided, ...]
+    holding: bool
+    #: What the key names by identity.
+    kept: tuple[object, ...]
+
+
+def _state_key(st: TypeState, view: View) -> tuple[Hashable, ...]:
+    """Everything a SotW evaluation reads of one type, besides the snapshot.
+
+    The view stands for the names subscribed (a bucket keeps one view per subscription,
+    and the decision keeps it) but a wildcard's names, which only the endpoints that
+    follow a cluster read. Sent and acknowledged mappings are named by identity, even
+    empty ones: the evaluation reads their content and the identity of their resources,
+    and a replay hands the stream the objects the evaluation left it with, so that
+    which of them are one object stays as an evaluation would leave it. Their versions
+    go with them (SotW sets a mapping and its version together).
+    """
+    return (
+        st.type_url,
+        id(view),
+        st.names if st.wildcard else None,
+        id(st.sent),
+        id(st.acked),
+        st.pending,
+        st.nacked,
+        st.force,
+        st.rejected_version,
+        st.client_version,
+    )
+
+
+def _name(res: Resource) -> str:
+    return res.name
+
+
 def _held_elsewhere(type_url: str, name: str, version: str) -> Resource:
     """A resource a reconnecting client says it holds at a version this server does not
     have: only its name and version are known."""
@@ -212,10 +275,16 @@ class StreamState:
         delta: bool,
         clock: Callable[[], float] = time.monotonic,
         limits: StreamLimits | None = None,
+        share_decisions: bool = True,
     ) -> None:
         self.delta = delta
         self.clock = clock
         self.limits = limits or StreamLimits()
+        #: Decide once for every stream alike: SotW streams per snapshot and state
+        #: (:meth:`_sotw_shared`), and routes held back per view and versions held
+        #: (:meth:`_held_routes_cached`); off, every evaluation is this stream's own (the
+        #: tests hold one against the other).
+        self.share_decisions = share_decisions
         self.types: dict[str, TypeState] = {}
         self.snapshot: Snapshot | None = None
         self.change_ts: float | None = None
@@ -476,6 +545,8 @@ class StreamState:
         """Whether the proxy has acknowledged exactly what the snapshot has for it."""
         if not self.delta:
             return st.acked_version == plain.version
+        if st.acked == plain.resources:
+            return True  # the same resources (they compare by identity): no name to visit
         if plain.resources.keys() != st.acked.keys():
             return False
         return all(st.acked[n].version == r.version for n, r in plain.resources.items())
@@ -495,7 +566,7 @@ class StreamState:
             if kept:
                 desired = {**desired, **kept}
         if st.type_url == xds.ROUTE:
-            if desired is view.resources and not self.delta and self.snapshot is not None:
+            if desired is view.resources and not self.delta and self.share_decisions:
                 desired = self._held_routes_cached(st, view)
             else:
                 desired = self._hold_routes_until_clusters_warm(st, desired)
@@ -504,20 +575,25 @@ class StreamState:
         return desired, View(desired, version_of(desired))
 
     def _held_routes_cached(self, st: TypeState, view: View) -> dict[str, Resource]:
-        """The route hold for SotW streams, shared through the snapshot: alike streams in
-        the same acknowledged state decide once."""
-        assert self.snapshot is not None
+        """The route hold for SotW streams, shared through the view: streams in the same
+        acknowledged state decide once, whichever snapshot they hold (the route
+        configurations of every proxy of one kind are one view, whatever its identity).
+
+        Not for Delta: a reconnected Delta client may hold a cluster at a version its
+        snapshot lacks, known by name and version alone (so without the endpoints it
+        refers to), and an acknowledged version cannot tell it from the cluster itself."""
         cds = self.types.get(xds.CLUSTER)
         eds = self.types.get(xds.ENDPOINT)
+        # Whether clusters are subscribed by wildcard is a key of its own: a client that
+        # has acknowledged none holds version "" either way, and is held back only then.
+        wildcard = cds is not None and cds.wildcard
         key = (
-            view.version,
             st.acked_version,
-            cds.acked_version if cds is not None and cds.wildcard else "",
+            str(wildcard),
+            cds.acked_version if cds is not None and wildcard else "",
             eds.acked_version if eds is not None else "",
         )
-        return self.snapshot.memo(
-            ("held-routes", *key), lambda: self._hold_routes_until_clusters_warm(st, view.resources)
-        )
+        return view.memo(key, lambda: self._hold_routes_until_clusters_warm(st, view.resources))
 
     def _hold_routes_until_clusters_warm(
         self, st: TypeState, desired: dict[str, Resource]
@@ -556,7 +632,10 @@ class StreamState:
         return held
 
     def responses(self) -> list[Outgoing]:
-        """Everything to send now, in push order, with the state recorded as sent."""
+        """Everything to send now, in push order, with the state recorded as sent.
+
+        SotW streams in the same state, holding the same snapshot, decide once
+        (:meth:`_sotw_shared`)."""
         if self.snapshot is None or not self._dirty:
             return []
         self._dirty = False
@@ -570,22 +649,89 @@ class StreamState:
             if st.client_versions:
                 self._adopt_client_versions(st)
         plain = {st.type_url: self._plain(st) for _, st in subscribed}
+        if not self.delta and self.share_decisions:
+            return self._sotw_shared(subscribed, plain)
+        return self._evaluate(subscribed, plain)[0]
+
+    def _evaluate(
+        self, subscribed: list[tuple[int, TypeState]], plain: dict[str, View]
+    ) -> tuple[list[Outgoing], list[_SotwSend | None]]:
+        """Apply the protocol rules to this stream: the responses, and (SotW) what each
+        type's response was decided to be before its nonce."""
         unconverged = {
             st.type_url for _, st in subscribed if not self._converged(st, plain[st.type_url])
         }
         out: list[Outgoing] = []
+        sends: list[_SotwSend | None] = []
         for index, st in subscribed:
             type_url = st.type_url
             desired, view = self._desired(index, st, plain[type_url], unconverged)
             if desired is not plain[type_url].resources:
                 self._holding = True
-            before = st.sent if not self.delta else dict(st.sent)
-            msg = self._delta_response(st, desired) if self.delta else self._sotw_response(st, view)
+            # What was sent, to see which clusters are sent new (Delta edits it in place).
+            before = st.sent if not self.delta or type_url != xds.CLUSTER else dict(st.sent)
+            msg: Outgoing | None
+            if self.delta:
+                msg = self._delta_response(st, desired, plain[type_url])
+            else:
+                send = self._sotw_decide(st, view)
+                sends.append(send)
+                msg = None if send is None else self._sotw_send(st, send)
             if msg is not None:
                 out.append(msg)
                 if type_url == xds.CLUSTER:
                     changed = [r for n, r in st.sent.items() if before.get(n) is not r]
                     self._follow_with_endpoints(changed)
+        return out, sends
+
+    def _sotw_shared(
+        self, subscribed: list[tuple[int, TypeState]], plain: dict[str, View]
+    ) -> list[Outgoing]:
+        """:meth:`_evaluate` once per snapshot and stream state, its outcome replayed on
+        every other stream of the snapshot in that state.
+
+        Most streams of one config key are alike (subscribed alike, sent and acknowledged
+        the same), and a push evaluates each. A SotW evaluation reads only the snapshot's
+        views and the state the key names, and writes the state the decision records; the
+        nonce, the time of the change and the count of responses are each stream's own,
+        and :meth:`_sotw_send` adds them in the same order an evaluation would. The key
+        names mappings by identity (SotW replaces them whole, so alike streams share them),
+        and the decision keeps them, so that no other object takes their ids.
+        """
+        assert self.snapshot is not None
+        key = tuple(_state_key(st, plain[st.type_url]) for _, st in subscribed)
+        evaluated: list[Outgoing] | None = None
+
+        def evaluate() -> _SotwDecision:
+            nonlocal evaluated
+            kept = tuple((st.sent, st.acked, plain[st.type_url]) for _, st in subscribed)
+            evaluated, sends = self._evaluate(subscribed, plain)
+            decided = tuple(
+                _Decided(
+                    st.sent,
+                    st.sent_version,
+                    st.acked,
+                    st.acked_version,
+                    st.client_version,
+                    st.force,
+                    st.nacked,
+                    send,
+                )
+                for (_, st), send in zip(subscribed, sends, strict=True)
+            )
+            return _SotwDecision(decided, self._holding, kept)
+
+        decision = self.snapshot.memo(("sotw-decision", *key), evaluate)
+        if evaluated is not None:
+            return evaluated
+        out: list[Outgoing] = []
+        for (_, st), d in zip(subscribed, decision.types, strict=True):
+            if d.send is not None:
+                out.append(self._sotw_send(st, d.send))
+            st.sent, st.sent_version = d.sent, d.sent_version
+            st.acked, st.acked_version = d.acked, d.acked_version
+            st.client_version, st.force, st.nacked = d.client_version, d.force, d.nacked
+        self._holding = decision.holding
         return out
 
     def _follow_with_endpoints(self, clusters: list[Resource]) -> None:
@@ -611,7 +757,9 @@ class StreamState:
         st.change_ts = self.change_ts
         st.responses_sent += 1
 
-    def _sotw_response(self, st: TypeState, view: View) -> Outgoing | None:
+    def _sotw_decide(self, st: TypeState, view: View) -> _SotwSend | None:
+        """Whether to send ``view`` to a SotW client, and how much of it; the state is
+        recorded as sent but for the nonce (:meth:`_sotw_send`)."""
         desired, version = view.resources, view.version
         if st.client_version:
             holds, st.client_version = st.client_version == version, ""
@@ -628,14 +776,20 @@ class StreamState:
             # Never again, forced or not (a cluster re-sent asks for its endpoints), until
             # the desired version moves past it: as Delta's per-name rejections.
             return None
-        nonce = self._next_nonce()
-        if self._changes_only(st):
-            payload, count = view.sotw_changes(st.type_url, nonce, st.acked, st.acked_version)
-        else:
-            payload, count = view.sotw_payload(st.type_url, nonce), len(desired)
+        held = st.acked if self._changes_only(st) else None
         st.sent, st.sent_version = desired, version
+        return _SotwSend(view, held, st.acked_version)
+
+    def _sotw_send(self, st: TypeState, send: _SotwSend) -> Outgoing:
+        """The response decided, with this stream's next nonce."""
+        nonce = self._next_nonce()
+        view = send.view
+        if send.held is None:
+            payload, count = view.sotw_payload(st.type_url, nonce), len(view.resources)
+        else:
+            payload, count = view.sotw_changes(st.type_url, nonce, send.held, send.held_version)
         self._record_sent(st, nonce)
-        return Outgoing(st.type_url, nonce, version, payload, count)
+        return Outgoing(st.type_url, nonce, view.version, payload, count)
 
     @staticmethod
     def _changes_only(st: TypeState) -> bool:
@@ -651,7 +805,11 @@ class StreamState:
             and st.sent is st.acked
         )
 
-    def _delta_response(self, st: TypeState, desired: dict[str, Resource]) -> Outgoing | None:
+    def _delta_response(
+        self, st: TypeState, desired: dict[str, Resource], plain: View
+    ) -> Outgoing | None:
+        """``plain`` is the view the subscription selects: alike streams share it, and the
+        response they are sent alike (:meth:`View.delta_payload`)."""
         if len(st.unanswered) >= self.limits.max_unanswered:
             self._holding = True  # until the client answers
             return None
@@ -663,18 +821,28 @@ class StreamState:
         ]
         for name in superseded:
             del st.rejected[name]
-        changed = [
-            r
-            for n, r in sorted(desired.items())
-            if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
-            and st.rejected.get(n) != r.version
-        ]
-        removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
+        if st.sent == desired and not st.force_names:
+            # The same resources (they compare by identity): nothing changed or removed.
+            changed: list[Resource] = []
+            removed: list[str] = []
+        else:
+            changed = [
+                r
+                for n, r in desired.items()
+                if (n in st.force_names or n not in st.sent or st.sent[n].version != r.version)
+                and st.rejected.get(n) != r.version
+            ]
+            changed.sort(key=_name)
+            removed = [n for n in st.sent if n not in desired and st.rejected.get(n) != REMOVAL]
         # Subscribed names that do not exist: the client stops waiting for them.
         exists = self.snapshot.of_type(st.type_url) if self.snapshot is not None else {}
-        missing = [
-            n for n in st.names if n not in exists and n not in st.sent and n not in st.absent
-        ]
+        missing = (
+            []
+            if st.names <= exists.keys()
+            else [
+                n for n in st.names if n not in exists and n not in st.sent and n not in st.absent
+            ]
+        )
         st.force_names.clear()
         if not changed and not removed and not missing and not st.force:
             if not st.pending and not st.rejected:
@@ -693,9 +861,7 @@ class StreamState:
         st.unanswered[nonce] = DeltaSent(
             {r.name: r for r in changed}, tuple(removed), self.change_ts
         )
-        payload = wire.delta_discovery_response(
-            st.sent_version, st.type_url, nonce, (r.delta_field for r in changed), removed
-        )
+        payload = plain.delta_payload(st.type_url, st.sent_version, nonce, changed, removed)
         self._record_sent(st, nonce)
         return Outgoing(st.type_url, nonce, st.sent_version, payload, len(changed), len(removed))
 
