@@ -199,6 +199,12 @@ class ServiceConfig:
         """Whether any class of this Service has a concurrency cap."""
         return self.max_concurrency is not None or bool(self.class_concurrency)
 
+    @property
+    def counted_per_caller(self) -> bool:
+        """Whether the global rate-limit service counts this Service's calls per caller: it
+        has a global rate limit or a token budget, so each caller's routes differ."""
+        return bool(self.global_rate_limit or self.token_budgets)
+
     def token_budget_for(self, priority: Priority, caller: str) -> TokenBudget | None:
         """The budget a request of ``priority`` from ``caller`` (``NS/SA``) draws from: the
         entry of its tier that names the caller most closely, or None (not charged)."""

@@ -467,8 +467,7 @@ class TranslationView:
             ("clamp", proxy.namespace, proxy.service_account),
             lambda: may_request_critical(svc.config, proxy),
         )
-        limited = svc.config.global_rate_limit or svc.config.token_budgets
-        caller = proxy.identity if limited and self.limits.rls else None
+        caller = proxy.identity if svc.config.counted_per_caller and self.limits.rls else None
         return (svc.namespace == proxy.namespace, clamp, caller)
 
     def _vhosts(self, entry: ServiceEntry, proxy: Proxy) -> Part:

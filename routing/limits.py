@@ -471,7 +471,7 @@ def rate_limited_services(world: World) -> dict[str, InferenceService]:
     return {
         names.virtual_host(svc.hostname, port.port): svc
         for svc in served_services(world)
-        if svc.config.global_rate_limit or svc.config.token_budgets
+        if svc.config.counted_per_caller
         for port in served_ports(svc)
     }
 

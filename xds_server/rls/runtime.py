@@ -289,15 +289,12 @@ class RateLimitRuntime:
         if self.settings.queue_weights:
             self._weighted = weighted_targets(world, self.settings.metrics_path)
             self._weights = {k: w for k, w in self._weights.items() if k in self._weighted}
+        self.backoff.keep([*self._targets, *self._weighted])
 
     def _warn_unserved(self, world: World) -> None:
         """Say once per Service that its global limit or token budget has no service to
         enforce it."""
-        limited = {
-            f"{s.namespace}/{s.name}"
-            for s in world.services
-            if s.config.global_rate_limit or s.config.token_budgets
-        }
+        limited = {f"{s.namespace}/{s.name}" for s in world.services if s.config.counted_per_caller}
         for name in sorted(limited - self._unserved):
             log.warning(
                 "%s sets inferlane.io/global-rate-limit or token-budget, but this control plane "
@@ -388,11 +385,13 @@ class RateLimitRuntime:
 
         Returns the endpoints whose multipliers or weights changed.
         """
-        every = {**self._weighted, **self._targets}
-        self.backoff.keep(every)
         round_no = self.rounds
-        targets = {k: url for k, url in every.items() if self.backoff.due(k, round_no)}
-        self.metrics.backing_off.set(len(every) - len(targets))
+        targets = {
+            k: url
+            for k, url in {**self._weighted, **self._targets}.items()
+            if self.backoff.due(k, round_no)
+        }
+        self.metrics.backing_off.set(self.backoff.backing_off(round_no))
         if not targets:
             self.rounds += 1
             return []
