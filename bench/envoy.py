@@ -110,6 +110,15 @@ class Envoy:
                 out[name] = int(value)
         return out
 
+    async def host_statuses(self, cluster: str) -> list[dict[str, Any]]:
+        """The hosts Envoy holds for ``cluster`` (``/clusters?format=json``), none if it
+        has no such cluster."""
+        data = await self.admin_json("/clusters?format=json")
+        for status in data.get("cluster_statuses", []):
+            if status["name"] == cluster:
+                return list(status.get("host_statuses", []))
+        return []
+
     async def listener_port(self, name: str) -> int:
         """The port a listener actually bound (listeners use port 0 in tests)."""
 

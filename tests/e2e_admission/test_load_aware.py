@@ -37,17 +37,12 @@ REQUESTS = 40
 
 async def _hosts(envoy: Envoy, cluster: str) -> dict[str, dict[str, Any]]:
     """Host IP -> {weight, requests} of one cluster, as the caller's Envoy holds them."""
-    data = await envoy.admin_json("/clusters?format=json")
-    for status in data.get("cluster_statuses", []):
-        if status["name"] != cluster:
-            continue
-        out = {}
-        for host in status.get("host_statuses", []):
-            stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
-            ip = host["address"]["socket_address"]["address"]
-            out[ip] = {"weight": host.get("weight", 1), "requests": stats.get("rq_total", 0)}
-        return out
-    return {}
+    out = {}
+    for host in await envoy.host_statuses(cluster):
+        stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
+        ip = host["address"]["socket_address"]["address"]
+        out[ip] = {"weight": host.get("weight", 1), "requests": stats.get("rq_total", 0)}
+    return out
 
 
 async def test_traffic_moves_away_from_a_pod_whose_queue_grows(tmp_path: Path) -> None:

@@ -46,12 +46,9 @@ STANDARD = f"outbound|{SERVICE_PORT}|standard|llama.default.svc.cluster.local"
 
 async def _hosts(envoy: Any, cluster: str) -> set[str]:
     """``ADDRESS:PORT`` of every host Envoy holds for ``cluster``."""
-    data = await envoy.admin_json("/clusters?format=json")
     return {
         f"{h['address']['socket_address']['address']}:{h['address']['socket_address']['port_value']}"
-        for c in data.get("cluster_statuses", [])
-        if c["name"] == cluster
-        for h in c.get("host_statuses", [])
+        for h in await envoy.host_statuses(cluster)
     }
 
 
