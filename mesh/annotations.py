@@ -1,9 +1,10 @@
 """Parse a Service's ``inferlane.io/*`` annotations into a :class:`ServiceConfig`.
 
-SPEC.md "Service annotations" is the contract. The parser never raises: each bad value
-becomes one :class:`AnnotationError` (naming the annotation, the value and what is wrong)
-and that annotation alone falls back to its default. Unknown ``inferlane.io/`` keys are
-errors too, so a typo is visible rather than silently ignored.
+docs/reference.md, "Service annotations", is the contract. The parser never raises:
+each bad value becomes one :class:`AnnotationError` (naming the annotation, the value
+and what is wrong) and that annotation alone falls back to its default. Unknown
+``inferlane.io/`` keys are errors too, so a typo is visible rather than silently
+ignored.
 """
 
 from __future__ import annotations

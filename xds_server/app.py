@@ -68,7 +68,7 @@ class ServeSettings:
     manifests: Path | None = None
     kubernetes: bool = False
     host: str = "0.0.0.0"
-    #: Istio's ports where one exists (SPEC.md); 0 means any free port.
+    #: Istio's ports where one exists (docs/reference.md, "Ports"); 0 means any free port.
     xds_port: int = 15010
     #: The TLS xDS port, authenticated by service-account tokens (``inferlane serve`` uses
     #: 15012); None serves no TLS port, so that several control planes embedded in one test

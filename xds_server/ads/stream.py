@@ -6,7 +6,7 @@ snapshots the cache computes for its proxy (``set_snapshot``), and asks it what 
 testable without sockets (``tests/ads/test_stream.py``) and keeps every stream's state
 in one place.
 
-The rules, each from a failure seen in the field (FIELD-NOTES.md):
+The rules, each from a failure seen with a real Envoy:
 
 * Stale nonces are dropped. A request whose ``response_nonce`` is not the latest sent on
   this stream for its type is an answer to something superseded. Under Delta every

@@ -1,6 +1,6 @@
 """Envoy bootstraps that subscribe to inferlane over ADS (``inferlane bootstrap``).
 
-Follows FIELD-NOTES.md: ``ads_config`` with GRPC or DELTA_GRPC and V3,
+What Envoy needs, as checked against it: ``ads_config`` with GRPC or DELTA_GRPC and V3,
 ``set_node_on_first_message_only``, LDS and CDS from ADS, and, above all, an xDS cluster
 with HTTP/2 enabled; without it ADS fails silently.
 
