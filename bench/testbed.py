@@ -183,11 +183,23 @@ def in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free on ``host`` right now (the caller binds them soon
+    after). They are held open together while chosen: one at a time, the kernel may
+    hand out the same port twice, and a sidecar given it for two listeners rejects both.
+    xDS listener ports cannot be 0 (node metadata must name a port)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port(host: str) -> int:
     """A port that is free on ``host`` right now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(host, 1)[0]
 
 
 # --- the pods, in a child process ----------------------------------------------------
@@ -432,12 +444,10 @@ def sidecar_metadata(ip: str, account: str, *, gateway: bool = False) -> dict[st
         "INFERLANE_BIND_ADDRESS": ip,
         # Pods share this host's loopback: each workload listens on its own pod IP.
         "INFERLANE_WORKLOAD_ADDRESS": ip,
-        "INFERLANE_INBOUND_PORT": str(free_port(ip)),
     }
-    if gateway:
-        meta["INFERLANE_GATEWAY_PORT"] = str(free_port(ip))
-    else:
-        meta["INFERLANE_OUTBOUND_PORT"] = str(free_port(ip))
+    inbound, other = free_ports(ip, 2)
+    meta["INFERLANE_INBOUND_PORT"] = str(inbound)
+    meta["INFERLANE_GATEWAY_PORT" if gateway else "INFERLANE_OUTBOUND_PORT"] = str(other)
     return meta
 
 

@@ -33,7 +33,7 @@ from mtls.ca import CertificateAuthority
 from mtls.publish import CONFIGMAP_NAME, ROOT_CERT_KEY
 from mtls.tokens import TOKEN_AUDIENCE
 from tests.chart.render import Obj, one, render, validate
-from tests.e2e.harness import free_port
+from tests.e2e.harness import free_ports
 from tests.support.envoy import require_envoy
 from xds_server.auth.settings import DEFAULT_SERVER_NAMES
 from xds_server.cli import main
@@ -503,7 +503,7 @@ async def test_envoy_sends_the_token_over_tls(
             assert roots == {"filename": CA_PATH}
             roots["filename"] = str(tmp_path / ROOT_CERT_KEY)
         # Ports free on this host, in place of the pod's own 15000 and 15090.
-        admin_port, stats_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        admin_port, stats_port = free_ports("127.0.0.1", 2)
         config["admin"]["address"]["socket_address"]["port_value"] = admin_port
         static = config["static_resources"]
         (stats_cluster,) = static["clusters"]

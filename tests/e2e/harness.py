@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import aiohttp
 import yaml
 
 from bench.envoy import Envoy
+from bench.testbed import free_port, free_ports
 from bench.wait import eventually
 from mesh.model import PRIORITY_HEADER, World
 from mesh.sources import Publish, WorldSource
@@ -33,6 +33,7 @@ __all__ = [
     "control_plane",
     "envoy_versions",
     "free_port",
+    "free_ports",
     "gpu_limits",
     "header",
     "http_session",
@@ -50,14 +51,6 @@ __all__ = [
 SERVICE_PORT = 8000
 #: The named container port every model pod serves on.
 PORT_NAME = "http"
-
-
-def free_port(host: str) -> int:
-    """A port free on ``host`` now. xDS listener ports cannot be 0 (node metadata must name
-    a port), so tests pick one and hand it to the sidecar."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 # --- manifests ---------------------------------------------------------------------------
@@ -182,7 +175,7 @@ def sidecar(
 ) -> tuple[str, dict[str, str], int]:
     """(node ID, node metadata, outbound port) of a sidecar bound to ``ip``."""
     node_id = f"sidecar~{ip}~{pod_name}.{namespace}~{namespace}.svc.cluster.local"
-    outbound = free_port(ip)
+    outbound, inbound = free_ports(ip, 2)
     metadata = {
         "NAMESPACE": namespace,
         "SERVICE_ACCOUNT": service_account,
@@ -190,7 +183,7 @@ def sidecar(
         # Pods share this host's loopback: each workload listens on its own pod IP.
         "INFERLANE_WORKLOAD_ADDRESS": ip,
         "INFERLANE_OUTBOUND_PORT": str(outbound),
-        "INFERLANE_INBOUND_PORT": str(free_port(ip)),
+        "INFERLANE_INBOUND_PORT": str(inbound),
     }
     return node_id, metadata, outbound
 

@@ -22,11 +22,11 @@ import aiohttp
 
 from bench.envoy import Envoy
 from bench.gpu_sim import RunningSim, SimConfig, StepCost, start_sim
+from bench.testbed import free_port
 from mesh.model import PRIORITY_HEADER
 from tests.e2e_mtls.harness import (
     SERVICE_PORT,
     Sidecar,
-    free_port,
     inference_service,
     llama_pod,
     running,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import aiohttp
 import yaml
 
 from bench.envoy import Envoy
+from bench.testbed import free_ports
 from mesh.manifests import ManifestSource
 from mtls.ca import CertificateAuthority, IssuedCert
 from tests.e2e import harness as e2e
@@ -35,13 +35,6 @@ TD = "cluster.local"
 SERVICE_PORT = 8000
 PORT_NAME = "http"
 XFCC = "x-forwarded-client-cert"
-
-
-def free_port(host: str) -> int:
-    """A port free on ``host`` now (node metadata must name listener ports)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def spiffe(service_account: str, namespace: str = "default") -> str:
@@ -143,8 +136,9 @@ class Sidecar:
     envoy: Envoy | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.outbound_port = self.outbound_port or free_port(self.ip)
-        self.inbound_port = self.inbound_port or free_port(self.ip)
+        outbound, inbound = free_ports(self.ip, 2)
+        self.outbound_port = self.outbound_port or outbound
+        self.inbound_port = self.inbound_port or inbound
 
     @property
     def node_id(self) -> str:

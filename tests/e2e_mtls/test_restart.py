@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from bench.envoy import Envoy
+from bench.testbed import free_port
 from tests.e2e_mtls.harness import (
     SERVICE_PORT,
     Http,
     Sidecar,
     certs,
     control_plane,
-    free_port,
     inference_service,
     listener_handshakes,
     llama_pod,
