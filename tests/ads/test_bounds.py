@@ -223,8 +223,11 @@ async def test_a_client_that_sends_and_never_reads_is_held_back_then_closed() ->
                 return sample(registry, "inferlane_xds_throttled_reads_total") > 0
 
             await eventually(throttled, what="the reader held back")
+            # The reader can be held back by a slow writer before the client's window is
+            # full, so the new config is as big as the old: the flood's answers fill the
+            # window whatever the timing, and a write stalls.
             # A push now waits behind the stalled write, holding the only push slot...
-            cache.update(BigClusters(count=2, size=10))
+            cache.update(BigClusters(count=3, size=200_001))
             server.push_all()
             # ...until the write times out and the stream is closed (its status waits
             # behind the unread responses: the client sees it only if it reads).
@@ -241,7 +244,7 @@ async def test_a_client_that_sends_and_never_reads_is_held_back_then_closed() ->
         reader = RawStream(ch, delta=False)
         await reader.send(first_request())
         resp = await asyncio.wait_for(reader.recv_type(xds.CLUSTER), 10)
-        assert len(resp.resources) == 2
+        assert len(resp.resources) == 3
 
 
 # --------------------------------------------------------------------------- subscriptions
