@@ -184,10 +184,22 @@ async def _commands(record: Recorder) -> None:
             print(json.dumps(reply), flush=True)
 
 
+#: gRPC's own reconnect back-off, per connection, kept short. Envoy has none of its own
+#: beyond the stream's (an ADS stream that fails is retried on a fresh connection after
+#: the stream's back-off), but a gRPC channel adds one per connection: 1 s growing 1.6x to
+#: 120 s, so after a control-plane restart of a few seconds the streams of a connection
+#: would wait for its next attempt (tens of seconds), whatever their own back-off says.
+CHANNEL_BACKOFF: list[tuple[str, object]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+
 def _channel(target: str, tls: Path | None) -> grpc.aio.Channel:
     """A channel of its own (a connection per channel); over mutual TLS with the
     ``root.pem``, ``tls.crt`` and ``tls.key`` in ``tls``, checking the name ``inferlane``."""
-    options: list[tuple[str, object]] = [("grpc.use_local_subchannel_pool", 1)]
+    options: list[tuple[str, object]] = [("grpc.use_local_subchannel_pool", 1), *CHANNEL_BACKOFF]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     credentials = grpc.ssl_channel_credentials(
