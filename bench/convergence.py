@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import math
 import statistics
@@ -52,6 +53,7 @@ from mesh.manifests import load_world
 from mesh.model import Priority, World
 from mesh.proxy import proxy_from_node
 from routing.generator import MeshGenerator
+from xds_server.ads import collector
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.server import SERVER_OPTIONS, Connection, XdsServer
 from xds_server.cli.serve import default_workers
@@ -364,6 +366,12 @@ def main() -> None:
         default=f"{BACKOFF_MAX_S:g}",
         help="comma-separated caps of the clients' reconnect back-off (s) to compare (Envoy's: 30)",
     )
+    fleet.add_argument(
+        "--gc-threshold",
+        default=str(collector.DEFAULT_THRESHOLD),
+        help="comma-separated values of inferlane serve --gc-threshold to compare "
+        "(0: Python's default collector thresholds)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
 
@@ -378,10 +386,13 @@ def main() -> None:
         print(f"\nrealistic fleet of {n} proxies (the clock starts at the input)", flush=True)
         print(FLEET_HEADER, flush=True)
         caps = [float(x) for x in a.reconnect_max.split(",") if x.strip()]
+        thresholds = counts(a.gc_threshold)
         for workers in dict.fromkeys(counts(a.workers)):
-            for cap in caps:
+            for cap, threshold in itertools.product(caps, thresholds):
                 if len(caps) > 1:
                     print(f"(clients reconnect with a back-off capped at {cap:g} s)", flush=True)
+                if len(thresholds) > 1:
+                    print(f"(inferlane serve --gc-threshold {threshold})", flush=True)
                 fleet_results = asyncio.run(
                     run_fleet(
                         n,
@@ -393,9 +404,13 @@ def main() -> None:
                         timeout=a.timeout,
                         adaptive=not a.no_adaptive,
                         reconnect_max_s=cap,
+                        gc_threshold=threshold,
                     )
                 )
-                out += [{**dataclasses.asdict(r), "reconnect_max_s": cap} for r in fleet_results]
+                out += [
+                    {**dataclasses.asdict(r), "reconnect_max_s": cap, "gc_threshold": threshold}
+                    for r in fleet_results
+                ]
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
 

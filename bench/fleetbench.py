@@ -56,6 +56,7 @@ from mesh.proxy import proxy_from_node
 from mtls.ca import CertificateAuthority
 from mtls.secrets import SecretStore
 from routing.generator import MeshGenerator
+from xds_server.ads import collector
 from xds_server.ads.cache import ConfigCache
 
 SCENARIOS = ("annotation", "endpoint", "certs", "restart")
@@ -374,6 +375,7 @@ async def run_fleet(
     timeout: float,  # noqa: ASYNC109
     adaptive: bool = True,
     reconnect_max_s: float = BACKOFF_MAX_S,
+    gc_threshold: int = collector.DEFAULT_THRESHOLD,
 ) -> list[FleetResult]:
     fleet = build_fleet(FleetShape.scaled(proxies, adaptive=adaptive))
     results: list[FleetResult] = []
@@ -391,6 +393,7 @@ async def run_fleet(
             "--rls-port", "0",
             "--ca-dir", str(workdir / "ca"),
             "--workers", str(workers),
+            "--gc-threshold", str(gc_threshold),
         ]  # fmt: skip
         server = await ServeProcess([*args, "--xds-port", "0"], workdir).start()
         bench = Bench(fleet, workdir, workers, args, server)

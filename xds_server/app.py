@@ -94,6 +94,9 @@ class ServeSettings:
     #: Processes serving the plaintext xDS port (``inferlane serve --workers``); 1 serves
     #: every stream from this process.
     workers: int = 1
+    #: The garbage collector's first threshold in the workers (``xds_server.ads.collector``;
+    #: ``inferlane serve`` sets its own process's); 0 leaves Python's defaults.
+    gc_threshold: int = 0
 
 
 class ControlPlane:
@@ -149,6 +152,7 @@ class ControlPlane:
                 authorizer=lambda: self.xds.authorizer,
                 on_sidecars_changed=lambda: self.debouncer.trigger(PushReason.PROXY),
                 own_metrics=self.xds.metrics.registry,
+                gc_threshold=settings.gc_threshold,
             )
             if settings.workers > 1
             else None

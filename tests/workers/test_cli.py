@@ -1,12 +1,15 @@
-"""``inferlane serve --workers``: the default is the cores the process may use."""
+"""``inferlane serve --workers``: the default is the cores the process may use; and
+``--gc-threshold``, which every process of the control plane applies."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
 
+from xds_server.ads import collector
 from xds_server.cli import build_parser
 from xds_server.cli.serve import cgroup_cpu_limit, default_workers
 
@@ -32,3 +35,24 @@ def test_a_container_cpu_limit_lowers_the_default(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path) == 0.5
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_limit(tmp_path) is None
+
+
+def test_the_collector_threshold_defaults_high_and_zero_keeps_pythons() -> None:
+    parse = build_parser().parse_args
+    assert parse(["serve", "--manifests", "x"]).gc_threshold == collector.DEFAULT_THRESHOLD
+    assert parse(["serve", "--manifests", "x", "--gc-threshold", "0"]).gc_threshold == 0
+    with pytest.raises(SystemExit):
+        parse(["serve", "--manifests", "x", "--gc-threshold", "-1"])
+
+    before = gc.get_threshold()
+    try:
+        collector.tune(0)
+        assert gc.get_threshold() == before
+        collector.tune(20_000)
+        assert gc.get_threshold() == (
+            20_000,
+            collector.YOUNG_PER_MIDDLE,
+            collector.MIDDLE_PER_FULL,
+        )
+    finally:
+        gc.set_threshold(*before)

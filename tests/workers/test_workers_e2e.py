@@ -80,9 +80,13 @@ async def _plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Any]]:
     async with echo_server("gpu-0", host=GPU0) as gpu0:
         manifests = tmp_path / "mesh.yaml"
         _manifests(manifests, gpu0.port)
-        settings = dataclasses.replace(loopback_settings(), workers=2)
+        settings = dataclasses.replace(loopback_settings(), workers=2, gc_threshold=12_345)
         async with control_plane(ManifestSource(manifests), settings) as plane:
             yield plane, gpu0
+
+
+def _command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
 
 
 async def _syncz(plane: ControlPlane) -> list[dict[str, Any]]:
@@ -103,6 +107,9 @@ async def test_two_workers_serve_envoy_over_sotw_and_delta(tmp_path: Path) -> No
     require_envoy()
     async with _plane(tmp_path) as (plane, _gpu0), contextlib.AsyncExitStack() as stack:
         assert plane.hub is not None and len(plane.hub.workers) == 2
+        for worker in plane.hub.workers.values():  # each collects as the primary was told
+            argv = _command_line(worker.proc.pid)
+            assert argv[argv.index("--gc-threshold") + 1] == "12345"
         session = await stack.enter_async_context(http_session())
         nodes = []
         for i, (ip, delta) in enumerate(zip(ENVOY_IPS, (False, True), strict=True)):

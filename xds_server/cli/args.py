@@ -71,10 +71,19 @@ def host_port(text: str) -> tuple[str, int]:
 
 def positive_int(text: str) -> int:
     """A whole number of at least 1."""
+    return _at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least {lowest}")
     return value

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mtls.identity import DEFAULT_TRUST_DOMAIN
+from xds_server.ads import collector
 from xds_server.ads.debounce import DebounceSettings
 from xds_server.auth.settings import DEFAULT_PLAINTEXT_SECRETS_FROM, DEFAULT_SERVER_NAMES
 from xds_server.cli import args
@@ -76,6 +77,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=default_workers(),
         help="processes serving the plaintext xDS port's streams (default: the cores "
         "this process may use); one process translates for all of them",
+    )
+    serve.add_argument(
+        "--gc-threshold",
+        type=args.non_negative_int,
+        default=collector.DEFAULT_THRESHOLD,
+        help="objects allocated between the garbage collector's young collections, in "
+        "every process (0: Python's default of 700, with more frequent full collections)",
     )
     serve.add_argument(
         "--debounce-quiet", type=float, default=0.1, help="seconds of quiet before a push"
@@ -187,6 +195,7 @@ def run(options: argparse.Namespace) -> int:
         admin_port=options.admin_port,
         ports_file=options.ports_file,
         workers=options.workers,
+        gc_threshold=options.gc_threshold,
         debounce=DebounceSettings(quiet=options.debounce_quiet, max_delay=options.debounce_max),
         security=SecuritySettings(
             trust_domain=options.trust_domain,
@@ -205,6 +214,7 @@ def run(options: argparse.Namespace) -> int:
             token_budget_mode=TokenBudgetMode(options.token_budget_mode),
         ),
     )
+    collector.tune(options.gc_threshold)
     try:
         asyncio.run(serve(settings))
     except MtlsError as exc:

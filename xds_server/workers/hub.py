@@ -139,8 +139,10 @@ class WorkerHub:
         authorizer: Callable[[], StreamAuthorizer],
         on_sidecars_changed: Callable[[], None],
         own_metrics: Any,
+        gc_threshold: int = 0,
     ) -> None:
         self.count = count
+        self.gc_threshold = gc_threshold
         self.cache = cache
         self.settings = settings
         self.authorizer = authorizer
@@ -189,6 +191,8 @@ class WorkerHub:
                 str(self.settings.max_concurrent_pushes),
                 "--max-request-bytes",
                 str(self.settings.max_request_bytes),
+                "--gc-threshold",
+                str(self.gc_threshold),
                 "--log-level",
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 pass_fds=(child.fileno(),),

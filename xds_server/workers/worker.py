@@ -21,6 +21,7 @@ from typing import Any, cast
 import grpc
 
 from mesh.proxy import Proxy
+from xds_server.ads import collector
 from xds_server.ads.looplag import LoopLagProbe
 from xds_server.ads.server import (
     SERVER_OPTIONS,
@@ -278,8 +279,11 @@ def main() -> None:
         "--max-concurrent-pushes", type=int, default=ServerSettings.max_concurrent_pushes
     )
     p.add_argument("--max-request-bytes", type=int, default=ServerSettings.max_request_bytes)
+    p.add_argument("--gc-threshold", type=int, default=0)
     p.add_argument("--log-level", default="info")
-    asyncio.run(_main(p.parse_args()))
+    parsed = p.parse_args()
+    collector.tune(parsed.gc_threshold)
+    asyncio.run(_main(parsed))
 
 
 if __name__ == "__main__":
