@@ -48,6 +48,7 @@ from mtls.tokens import KubernetesTokenReviewer, TokenReviewer
 from routing.generator import MeshGenerator
 from routing.secure import SecurityOptions
 from xds_server.admin import Admin, serving_admin
+from xds_server.ads import collector
 from xds_server.ads.cache import ConfigCache
 from xds_server.ads.debounce import Debouncer, DebounceSettings, PushReason, PushRequest
 from xds_server.ads.looplag import LoopLagProbe
@@ -94,8 +95,9 @@ class ServeSettings:
     #: Processes serving the plaintext xDS port (``inferlane serve --workers``); 1 serves
     #: every stream from this process.
     workers: int = 1
-    #: The garbage collector's first threshold in the workers (``xds_server.ads.collector``;
-    #: ``inferlane serve`` sets its own process's); 0 leaves Python's defaults.
+    #: The garbage collector's first threshold in this process and the workers, each then
+    #: making a full collection every two minutes (``xds_server.ads.collector``); 0 leaves
+    #: Python's defaults, as a control plane embedded in another program should.
     gc_threshold: int = 0
 
 
@@ -345,6 +347,7 @@ class ControlPlane:
             if self.worker is not None:
                 # Last out: a build still running finishes on its own, unwaited.
                 stack.callback(self.worker.shutdown, wait=False, cancel_futures=True)
+            stack.callback(collector.tune(s.gc_threshold))  # process-wide: put back after
             await self._set_up_security(stack)
             assert self.secrets is not None
             # gRPC raises when it cannot bind a port. With workers, they serve the
@@ -393,6 +396,8 @@ class ControlPlane:
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
                 tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
                 tasks.create_task(self.loop_lag.run(), name="loop-lag")
+                if s.gc_threshold > 0:
+                    tasks.create_task(collector.collect_periodically(), name="full-gc")
                 if self.hub is not None:
                     tasks.create_task(self.hub.run(), name="workers")
                 if self.root_certs is not None:

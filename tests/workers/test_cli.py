@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
+import weakref
 from pathlib import Path
 
 import pytest
 
+from tests.support.wait import eventually
 from xds_server.ads import collector
 from xds_server.cli import build_parser
 from xds_server.cli.serve import cgroup_cpu_limit, default_workers
@@ -46,13 +49,44 @@ def test_the_collector_threshold_defaults_high_and_zero_keeps_pythons() -> None:
 
     before = gc.get_threshold()
     try:
-        collector.tune(0)
+        collector.tune(0)()
         assert gc.get_threshold() == before
-        collector.tune(20_000)
+        restore = collector.tune(20_000)
         assert gc.get_threshold() == (
             20_000,
             collector.YOUNG_PER_MIDDLE,
             collector.MIDDLE_PER_FULL,
         )
+        restore()
+        assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_full_collections_still_come_on_a_timer() -> None:
+    """A cycle no threshold reaches (the collector is off here) is freed by the periodic
+    full collection, as one that outlived its young collections would be."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        cycle = _Cycle()
+        gone = weakref.ref(cycle)
+        del cycle
+        assert gone() is not None  # only a collection frees it
+        task = asyncio.create_task(collector.collect_periodically(interval=0.01))
+        try:
+            await eventually(lambda: _is_none(gone), timeout=10, what="the cycle collected")
+        finally:
+            task.cancel()
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def _is_none(ref: weakref.ref[_Cycle]) -> bool:
+    return ref() is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -81,8 +82,11 @@ async def _plane(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, Any]]:
         manifests = tmp_path / "mesh.yaml"
         _manifests(manifests, gpu0.port)
         settings = dataclasses.replace(loopback_settings(), workers=2, gc_threshold=12_345)
+        before = gc.get_threshold()
         async with control_plane(ManifestSource(manifests), settings) as plane:
+            assert gc.get_threshold()[0] == 12_345
             yield plane, gpu0
+        assert gc.get_threshold() == before  # a process-wide setting, put back
 
 
 def _command_line(pid: int) -> list[str]:

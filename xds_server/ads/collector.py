@@ -9,13 +9,26 @@ frees next to nothing (``docs/performance.md``). The control plane's garbage is 
 freed by reference counting; its cycles are young (a failed task's traceback), so a
 larger first threshold still collects them, and full collections become rare.
 
-``inferlane serve --gc-threshold N`` sets the first threshold (0: Python's defaults), in
-the primary and in every worker, as Go's ``GOGC`` does for istiod.
+Full collections still have a use: a cycle that outlived a few young collections is
+freed by nothing else, and gRPC leaves one per call (five small objects, found with
+``gc.DEBUG_SAVEALL``), so a fleet that keeps reconnecting would grow the heap between
+them. As Go's runtime forces a collection every two minutes, :func:`collect_periodically`
+makes a full one every :data:`FULL_EVERY_S`: one pause of a fraction of a second every
+two minutes, where the default thresholds made several per change.
+
+``inferlane serve --gc-threshold N`` sets the first threshold (0: Python's defaults, and
+no periodic collection), in the primary and in every worker, as Go's ``GOGC`` does for
+istiod.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 #: Container objects allocated (net of those freed) between young collections.
 DEFAULT_THRESHOLD = 50_000
@@ -25,7 +38,22 @@ YOUNG_PER_MIDDLE = 50
 MIDDLE_PER_FULL = 100
 
 
-def tune(threshold: int) -> None:
-    """Collect young objects every ``threshold`` allocations; 0 keeps Python's defaults."""
+def tune(threshold: int) -> Callable[[], None]:
+    """Collect young objects every ``threshold`` allocations (0 changes nothing); returns
+    what puts the thresholds back as they were."""
+    before = gc.get_threshold()
     if threshold > 0:
         gc.set_threshold(threshold, YOUNG_PER_MIDDLE, MIDDLE_PER_FULL)
+    return lambda: gc.set_threshold(*before)
+
+
+#: Seconds between full collections, with the threshold raised.
+FULL_EVERY_S = 120.0
+
+
+async def collect_periodically(interval: float = FULL_EVERY_S) -> None:
+    """Run as a task: a full collection every ``interval`` seconds, whatever the counts."""
+    while True:
+        await asyncio.sleep(interval)
+        found = gc.collect()
+        log.debug("full garbage collection: %d unreachable objects", found)

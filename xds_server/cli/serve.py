@@ -214,7 +214,6 @@ def run(options: argparse.Namespace) -> int:
             token_budget_mode=TokenBudgetMode(options.token_budget_mode),
         ),
     )
-    collector.tune(options.gc_threshold)
     try:
         asyncio.run(serve(settings))
     except MtlsError as exc:

@@ -265,8 +265,16 @@ async def _main(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers = [ForwardLogs(args.index, worker.outbox)]
     root.setLevel(args.log_level.upper())
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.run(args.host, args.port)
+    collecting = None
+    if args.gc_threshold > 0:
+        collector.tune(args.gc_threshold)
+        collecting = asyncio.create_task(collector.collect_periodically(), name="full-gc")
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.run(args.host, args.port)
+    finally:
+        if collecting is not None:
+            collecting.cancel()
 
 
 def main() -> None:
@@ -281,9 +289,7 @@ def main() -> None:
     p.add_argument("--max-request-bytes", type=int, default=ServerSettings.max_request_bytes)
     p.add_argument("--gc-threshold", type=int, default=0)
     p.add_argument("--log-level", default="info")
-    parsed = p.parse_args()
-    collector.tune(parsed.gc_threshold)
-    asyncio.run(_main(parsed))
+    asyncio.run(_main(p.parse_args()))
 
 
 if __name__ == "__main__":
