@@ -5,9 +5,9 @@ snapshots and their resources, every stream's state. With CPython's default thre
 (700, 10, 10) a young collection runs every 700 new container objects, and a full one
 whenever the objects that survived since the last grew by a quarter: at that size a full
 collection walks the whole heap, holds the GIL for 0.3 to 0.7 s, wherever it starts, and
-frees next to nothing (``docs/performance.md``). The control plane's garbage is mostly
-freed by reference counting; its cycles are young (a failed task's traceback), so a
-larger first threshold still collects them, and full collections become rare.
+frees next to nothing (``docs/performance.md``). Reference counting frees most of the
+control plane's garbage, and a cycle that dies young is still found by a young
+collection, however rare; with a larger first threshold full collections become rare.
 
 Full collections still have a use: a cycle that outlived a few young collections is
 freed by nothing else, and gRPC leaves one per call (five small objects, found with
