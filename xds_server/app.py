@@ -347,7 +347,7 @@ class ControlPlane:
             if self.worker is not None:
                 # Last out: a build still running finishes on its own, unwaited.
                 stack.callback(self.worker.shutdown, wait=False, cancel_futures=True)
-            stack.callback(collector.tune(s.gc_threshold))  # process-wide: put back after
+            await stack.enter_async_context(collector.tuned(s.gc_threshold))
             await self._set_up_security(stack)
             assert self.secrets is not None
             # gRPC raises when it cannot bind a port. With workers, they serve the
@@ -396,8 +396,6 @@ class ControlPlane:
                 tasks.create_task(self.secrets.run(self._identities_in_use), name="secret-renewal")
                 tasks.create_task(self.ratelimits.run(), name="adaptive-limits")
                 tasks.create_task(self.loop_lag.run(), name="loop-lag")
-                if s.gc_threshold > 0:
-                    tasks.create_task(collector.collect_periodically(), name="full-gc")
                 if self.hub is not None:
                     tasks.create_task(self.hub.run(), name="workers")
                 if self.root_certs is not None:

@@ -40,7 +40,7 @@ def test_a_container_cpu_limit_lowers_the_default(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path) is None
 
 
-def test_the_collector_threshold_defaults_high_and_zero_keeps_pythons() -> None:
+async def test_the_collector_threshold_defaults_high_and_zero_keeps_pythons() -> None:
     parse = build_parser().parse_args
     assert parse(["serve", "--manifests", "x"]).gc_threshold == collector.DEFAULT_THRESHOLD
     assert parse(["serve", "--manifests", "x", "--gc-threshold", "0"]).gc_threshold == 0
@@ -49,15 +49,14 @@ def test_the_collector_threshold_defaults_high_and_zero_keeps_pythons() -> None:
 
     before = gc.get_threshold()
     try:
-        collector.tune(0)()
-        assert gc.get_threshold() == before
-        restore = collector.tune(20_000)
-        assert gc.get_threshold() == (
-            20_000,
-            collector.YOUNG_PER_MIDDLE,
-            collector.MIDDLE_PER_FULL,
-        )
-        restore()
+        async with collector.tuned(0):
+            assert gc.get_threshold() == before
+        async with collector.tuned(20_000):
+            assert gc.get_threshold() == (
+                20_000,
+                collector.YOUNG_PER_MIDDLE,
+                collector.MIDDLE_PER_FULL,
+            )
         assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)

@@ -24,9 +24,10 @@ istiod.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,28 @@ YOUNG_PER_MIDDLE = 50
 MIDDLE_PER_FULL = 100
 
 
-def tune(threshold: int) -> Callable[[], None]:
-    """Collect young objects every ``threshold`` allocations (0 changes nothing); returns
-    what puts the thresholds back as they were."""
-    before = gc.get_threshold()
-    if threshold > 0:
-        gc.set_threshold(threshold, YOUNG_PER_MIDDLE, MIDDLE_PER_FULL)
-    return lambda: gc.set_threshold(*before)
-
-
 #: Seconds between full collections, with the threshold raised.
 FULL_EVERY_S = 120.0
+
+
+@contextlib.asynccontextmanager
+async def tuned(threshold: int) -> AsyncIterator[None]:
+    """While inside: young objects collected every ``threshold`` allocations, and a full
+    collection every :data:`FULL_EVERY_S`. On the way out, the thresholds as they were
+    (they are the process's). 0 changes nothing."""
+    if threshold <= 0:
+        yield
+        return
+    before = gc.get_threshold()
+    gc.set_threshold(threshold, YOUNG_PER_MIDDLE, MIDDLE_PER_FULL)
+    collecting = asyncio.create_task(collect_periodically(), name="full-gc")
+    try:
+        yield
+    finally:
+        collecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collecting
+        gc.set_threshold(*before)
 
 
 async def collect_periodically(interval: float = FULL_EVERY_S) -> None:

@@ -265,16 +265,9 @@ async def _main(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers = [ForwardLogs(args.index, worker.outbox)]
     root.setLevel(args.log_level.upper())
-    collecting = None
-    if args.gc_threshold > 0:
-        collector.tune(args.gc_threshold)
-        collecting = asyncio.create_task(collector.collect_periodically(), name="full-gc")
-    try:
+    async with collector.tuned(args.gc_threshold):
         with contextlib.suppress(asyncio.CancelledError):
             await worker.run(args.host, args.port)
-    finally:
-        if collecting is not None:
-            collecting.cancel()
 
 
 def main() -> None:
