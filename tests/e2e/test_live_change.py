@@ -7,8 +7,6 @@ debounce (0.1 s of quiet), translation and the push; the requests go back to bac
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from tests.e2e.harness import (
 )
 from tests.support.backends import Echo, echo_server
 from tests.support.envoy import require_envoy, running_envoy
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.envoy
 
@@ -46,15 +45,6 @@ async def _received(client: Client, backend: Echo, priority: str | None) -> str 
     if status != 200 or not backend.headers:
         return None
     return header(backend.headers[-1], PRIORITY_HEADER)
-
-
-async def _time_until(check: Callable[[], Awaitable[bool]], limit: float) -> float:
-    """Seconds until ``check()`` holds, polling back to back; fails past ``limit``."""
-    started = time.monotonic()
-    while not await check():
-        elapsed = time.monotonic() - started
-        assert elapsed < limit, f"not live after {elapsed:.2f} s"
-    return time.monotonic() - started
 
 
 async def test_annotation_changes_go_live_on_a_running_envoy(tmp_path: Path) -> None:
@@ -95,7 +85,9 @@ async def test_annotation_changes_go_live_on_a_running_envoy(tmp_path: Path) -> 
                 async def live(sent: str | None = sent, expected: str = expected) -> bool:
                     return await _received(client, gpu0, sent) == expected
 
-                await _time_until(live, LIVE_WITHIN_S)
+                await eventually(
+                    live, timeout=LIVE_WITHIN_S, interval=0, what=f"{annotations} live"
+                )
             # Each push says why it happened: here, the world changed. (The client's sidecar
             # connecting moved no endpoint, so it made no push of its own.)
             assert "inferlane_xds_push_triggers_total" in await admin_text(plane, "/metrics")
